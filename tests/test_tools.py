@@ -1,0 +1,335 @@
+"""Tests for tools/: submission.json, refusals, plots, records folder, seed runner."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = REPO / "tools"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GPU_LOGS = sorted(FIXTURES.glob("gpu_seed*.txt"))
+CPU_LOG = FIXTURES / "cpu_seed1337.txt"
+sys.path.insert(0, str(TOOLS))
+
+from make_submission import parse_log  # noqa: E402
+
+# The numbers written into the GPU fixtures, per seed:
+# (mixed bpb, neural bpb, roundtrip bpb, model bytes, steps, train ms, roundtrip ms, sliding ms)
+EXPECTED = {
+    1337: (1.0950, 1.1245, 1.1484, 15865748, 7024, 600012, 12000, 85000),
+    42: (1.0962, 1.1251, 1.1490, 15861022, 6990, 600070, 12150, 85400),
+    2024: (1.0941, 1.1239, 1.1479, 15870310, 7010, 600041, 11980, 84800),
+}
+CODE_BYTES = 77261
+CODE_FILES = {"train_gpt.py": 60000, "backoff_mixer.py": 15000, "kg_data.py": 2261}
+
+
+def tool(name, *args, cwd=REPO, env=None):
+    """Run a tool script; returns the CompletedProcess."""
+    script = TOOLS / name
+    cmd = ["bash", str(script)] if name.endswith(".sh") else [sys.executable, str(script)]
+    return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def variant(tmp_path, src, name, *edits, drop=()):
+    """Copy a fixture log with (old, new) text replacements and dropped line prefixes."""
+    text = src.read_text()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    lines = [ln for ln in text.splitlines(keepends=True) if not ln.startswith(tuple(drop))]
+    out = tmp_path / name
+    out.write_text("".join(lines))
+    return out
+
+
+def make_json(tmp_path, *logs, extra=()):
+    out = tmp_path / "submission.json"
+    proc = tool("make_submission.py", *logs, "--out", out, *extra)
+    return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def close(a, b):
+    return math.isclose(a, b, rel_tol=0, abs_tol=1e-7)
+
+
+# --- make_submission ---------------------------------------------------------------------
+
+def test_json_matches_fixture_numbers(tmp_path):
+    proc, sub = make_json(tmp_path, *GPU_LOGS, extra=["--name", "fixture", "--author", "team"])
+    assert proc.returncode == 0, proc.stderr
+    assert sub["record"] is True and sub["name"] == "fixture" and sub["author"] == "team"
+    assert sub["dataset"] == "fineweb10B_sp1024" and sub["sample"] is False
+    assert sub["hardware"] == "8x NVIDIA H100 80GB HBM3"
+    assert sub["git_commit"] == "3f9c2d1a7b4e5f60718293a4b5c6d7e8f9a0b1c2"
+    assert sub["config_hash"] == "a41f07c93e5d" and sub["mixer"] is True
+    assert sub["bytes_code"] == CODE_BYTES and sub["code_files"] == CODE_FILES
+
+    assert [s["seed"] for s in sub["seeds"]] == sorted(EXPECTED)
+    for s in sub["seeds"]:
+        mixed, neural, rt, model, steps, train_ms, rt_ms, sl_ms = EXPECTED[s["seed"]]
+        assert close(s["val_bpb"], mixed) and close(s["neural_sliding_bpb"], neural)
+        assert close(s["roundtrip_bpb"], rt)
+        assert s["bytes_model"] == model and s["bytes_total"] == model + CODE_BYTES
+        assert s["steps"] == steps and close(s["train_time_s"], train_ms / 1000)
+        assert close(s["eval_time_s"], (rt_ms + sl_ms) / 1000)
+
+    columns = list(zip(*EXPECTED.values()))
+    expected_stats = {
+        "val_bpb": columns[0], "neural_sliding_bpb": columns[1], "roundtrip_bpb": columns[2],
+        "bytes_total": [m + CODE_BYTES for m in columns[3]], "steps": columns[4],
+        "train_time_s": [t / 1000 for t in columns[5]],
+        "eval_time_s": [(a + b) / 1000 for a, b in zip(columns[6], columns[7])],
+    }
+    for key, values in expected_stats.items():
+        stat = sub["summary"][key]
+        assert stat["n"] == 3
+        assert math.isclose(stat["mean"], statistics.mean(values), abs_tol=1e-8), key
+        assert math.isclose(stat["std"], statistics.stdev(values), abs_tol=1e-8), key
+    assert close(sub["val_bpb"], statistics.mean(columns[0]))
+    assert close(sub["val_bpb_std"], statistics.stdev(columns[0]))
+    assert sub["bytes_total"] == max(m + CODE_BYTES for m in columns[3])
+
+
+def test_single_seed_has_zero_std(tmp_path):
+    proc, sub = make_json(tmp_path, GPU_LOGS[0])
+    assert proc.returncode == 0, proc.stderr
+    assert sub["summary"]["val_bpb"]["std"] == 0 and sub["summary"]["val_bpb"]["n"] == 1
+
+
+def test_parse_ignores_interleaved_lines_and_reads_curves():
+    run = parse_log(FIXTURES / "gpu_seed1337.txt")
+    assert run.get("gpu") == "NVIDIA H100 80GB HBM3" and run.get("world_size") == 8
+    assert run.hparams["num_layers"] == 11 and run.get("model_params") == 28042332
+    assert run.val_points[0] == (0.0, 6.9312, pytest.approx(4.1037))
+    assert run.train_points and run.mixer_points[-1] == (62021632, 1.095)
+    assert run.steps == 7024 and run.peak_memory_mib is not None
+
+
+@pytest.mark.parametrize("cut", ["run_complete", "final_int6_sliding_window_exact",
+                                 "Total submission size", "mixer_progress tokens:32000000"])
+def test_truncated_log_refused(tmp_path, cut):
+    text = GPU_LOGS[0].read_text()
+    bad = tmp_path / "truncated.txt"
+    bad.write_text(text[:text.index(cut)])
+    proc, sub = make_json(tmp_path, GPU_LOGS[1], bad)
+    assert proc.returncode == 1 and sub is None
+    assert f"{bad}: incomplete log, missing" in proc.stderr
+    assert GPU_LOGS[1].name not in proc.stderr  # only the bad file is blamed
+
+
+def test_mixed_configs_refused(tmp_path):
+    other = variant(tmp_path, GPU_LOGS[1], "other.txt",
+                    ("config_hash:a41f07c93e5d", "config_hash:0123456789ab"))
+    proc, sub = make_json(tmp_path, GPU_LOGS[0], other)
+    assert proc.returncode == 1 and sub is None
+    assert "mixed config_hash" in proc.stderr and str(other) in proc.stderr
+
+
+def test_duplicate_seed_refused(tmp_path):
+    copy = tmp_path / "copy.txt"
+    shutil.copy(GPU_LOGS[0], copy)
+    proc, _ = make_json(tmp_path, GPU_LOGS[0], copy)
+    assert proc.returncode == 1 and "already used" in proc.stderr
+
+
+def test_oversize_refused(tmp_path):
+    big = variant(tmp_path, GPU_LOGS[0], "big.txt",
+                  ("serialized_model_int6_lzma:15865748", "serialized_model_int6_lzma:15965748"),
+                  ("int6+lzma: 15943009 bytes", "int6+lzma: 16043009 bytes"))
+    proc, sub = make_json(tmp_path, big, extra=["--non-record"])
+    assert proc.returncode == 1 and sub is None
+    assert f"{big}: artifact is 16,043,009 bytes, over the 16,000,000 limit" in proc.stderr
+
+
+def test_inconsistent_size_refused(tmp_path):
+    bad = variant(tmp_path, GPU_LOGS[0], "bad.txt",
+                  ("int6+lzma: 15943009 bytes", "int6+lzma: 15900000 bytes"))
+    proc, _ = make_json(tmp_path, bad)
+    assert proc.returncode == 1 and "!= model" in proc.stderr
+
+
+def test_cpu_sample_log_needs_non_record(tmp_path):
+    proc, sub = make_json(tmp_path, CPU_LOG)
+    assert proc.returncode == 1 and sub is None
+    assert "sample dataset" in proc.stderr and "device:cpu" in proc.stderr
+
+    proc, sub = make_json(tmp_path, CPU_LOG, extra=["--non-record"])
+    assert proc.returncode == 0, proc.stderr
+    assert sub["record"] is False and sub["dataset"] == "sample_sp1024" and sub["sample"]
+    assert sub["device"] == "cpu" and sub["hardware"] == "1x cpu"
+    assert close(sub["val_bpb"], 2.8127) and close(sub["seeds"][0]["neural_sliding_bpb"], 2.9533)
+
+
+def test_single_gpu_log_is_not_a_record(tmp_path):
+    one = variant(tmp_path, GPU_LOGS[0], "one.txt", ("world_size:8", "world_size:1"))
+    proc, _ = make_json(tmp_path, one)
+    assert proc.returncode == 1 and "not 8xH100" in proc.stderr
+    proc, sub = make_json(tmp_path, one, extra=["--non-record"])
+    assert proc.returncode == 0 and sub["record"] is False
+
+
+def test_mixer_off_log(tmp_path):
+    plain = variant(tmp_path, GPU_LOGS[0], "plain.txt",
+                    drop=("mixer_progress", "final_int6_sliding_window_neural_exact"))
+    proc, sub = make_json(tmp_path, plain)
+    assert proc.returncode == 0, proc.stderr
+    assert sub["mixer"] is False
+    assert sub["seeds"][0]["neural_sliding_bpb"] == sub["seeds"][0]["val_bpb"]
+
+
+def test_refusal_keeps_existing_json(tmp_path):
+    proc, sub = make_json(tmp_path, GPU_LOGS[0])
+    assert proc.returncode == 0
+    before = (tmp_path / "submission.json").read_bytes()
+    proc, _ = make_json(tmp_path, CPU_LOG)
+    assert proc.returncode == 1
+    assert (tmp_path / "submission.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.json"]
+
+
+# --- plot_log ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("log", [GPU_LOGS[0], CPU_LOG])
+def test_plot_is_a_png(tmp_path, log):
+    out = tmp_path / "docs" / "plot.png"
+    proc = tool("plot_log.py", log, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000
+
+
+def test_plot_refuses_log_without_curves(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("run_id:x\nsome free-form line\n")
+    proc = tool("plot_log.py", empty, "--out", tmp_path / "x.png")
+    assert proc.returncode == 1 and not (tmp_path / "x.png").exists()
+
+
+# --- make_record ------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_root(tmp_path):
+    """A repo root holding code files of exactly the sizes the fixture logs counted."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name, size in CODE_FILES.items():
+        (root / name).write_bytes(b"#" * size)
+    return root
+
+
+def record(root, *logs, extra=()):
+    return tool("make_record.py", "--name", "fixture_run", "--date", "2026-01-02",
+                "--root", root, *extra, *logs)
+
+
+def test_record_folder_contents(fake_root):
+    proc = record(fake_root, *GPU_LOGS)
+    assert proc.returncode == 0, proc.stderr
+    folder = fake_root / "records" / "2026-01-02_fixture_run"
+    expected = {"README.md", "submission.json", *CODE_FILES, *(p.name for p in GPU_LOGS)}
+    assert {p.name for p in folder.iterdir()} == expected
+    assert [p.name for p in (fake_root / "records").iterdir()] == [folder.name]
+    for log in GPU_LOGS:
+        assert (folder / log.name).read_bytes() == log.read_bytes()
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["record"] is True and sub["date"] == "2026-01-02"
+    assert close(sub["val_bpb"], statistics.mean(v[0] for v in EXPECTED.values()))
+    readme = (folder / "README.md").read_text()
+    assert "proper probability distribution" in readme and "8x NVIDIA H100" in readme
+    assert f"{sub['summary']['val_bpb']['mean']:.4f}" in readme
+    assert all(f"| {seed} |" in readme for seed in EXPECTED)
+
+
+def test_record_refused_leaves_nothing(fake_root, tmp_path):
+    bad = tmp_path / "truncated.txt"
+    bad.write_text(GPU_LOGS[0].read_text().split("run_complete")[0])
+    for logs, reason in [((CPU_LOG,), "device:cpu"), ((GPU_LOGS[0], bad), "incomplete")]:
+        proc = record(fake_root, *logs)
+        assert proc.returncode == 1 and reason in proc.stderr
+        assert not (fake_root / "records").exists() or not any((fake_root / "records").iterdir())
+
+
+def test_record_refuses_changed_code(fake_root):
+    (fake_root / "kg_data.py").write_bytes(b"#" * 10)
+    proc = record(fake_root, *GPU_LOGS)
+    assert proc.returncode == 1 and "code changed" in proc.stderr
+    assert not (fake_root / "records").exists()
+
+
+def test_record_non_record_and_existing_target(fake_root):
+    proc = record(fake_root, CPU_LOG, extra=["--non-record"])
+    assert proc.returncode == 0, proc.stderr
+    readme = (fake_root / "records" / "2026-01-02_fixture_run" / "README.md").read_text()
+    assert "Non-record" in readme and "1x cpu" in readme
+    proc = record(fake_root, CPU_LOG, extra=["--non-record"])
+    assert proc.returncode == 1 and "already exists" in proc.stderr
+
+
+# --- run_seeds.sh -----------------------------------------------------------------------
+
+def test_run_seeds_syntax():
+    assert subprocess.run(["bash", "-n", str(TOOLS / "run_seeds.sh")]).returncode == 0
+
+
+def test_run_seeds_dry_run_commands():
+    env = dict(os.environ, DRY_RUN="1", DEVICE="cuda", NPROC="8", RUN_PREFIX="t")
+    proc = tool("run_seeds.sh", "1337", "42", "--", "--name", "x", env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].endswith("SEED=1337 RUN_ID=t_seed1337 torchrun --standalone "
+                             "--nproc_per_node=8 train_gpt.py")
+    assert "SEED=42 RUN_ID=t_seed42" in lines[1]
+    assert lines[2].endswith("tools/make_submission.py logs/t_seed1337.txt logs/t_seed42.txt "
+                             "--name x")
+
+
+FAKE_TRAIN = """\
+import os, sys
+seed, run_id = os.environ["SEED"], os.environ["RUN_ID"]
+if seed == "42":
+    sys.exit(3)
+text = open(os.environ["FIXTURE"]).read()
+text = text.replace("seed:1337", "seed:" + seed).replace("run_id:cpu_seed1337", "run_id:" + run_id)
+open(os.path.join("logs", run_id + ".txt"), "w").write(text)
+"""
+
+
+@pytest.fixture
+def seed_repo(tmp_path):
+    """A throwaway repo with the tools and a fake train_gpt.py that copies the CPU fixture."""
+    (tmp_path / "tools").mkdir()
+    for name in ("run_seeds.sh", "make_submission.py"):
+        shutil.copy(TOOLS / name, tmp_path / "tools" / name)
+    (tmp_path / "train_gpt.py").write_text(FAKE_TRAIN)
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", RUN_PREFIX="t",
+               FIXTURE=str(CPU_LOG))
+    return tmp_path, env
+
+
+def test_run_seeds_cpu_end_to_end(seed_repo):
+    root, env = seed_repo
+    proc = subprocess.run(["bash", "tools/run_seeds.sh", "7", "2024"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    sub = json.loads((root / "submission.json").read_text())
+    assert sub["record"] is False and [s["seed"] for s in sub["seeds"]] == [7, 2024]
+    assert sorted(p.name for p in (root / "logs").iterdir()) == ["t_seed2024.txt", "t_seed7.txt"]
+
+
+def test_run_seeds_fails_fast(seed_repo):
+    root, env = seed_repo
+    proc = subprocess.run(["bash", "tools/run_seeds.sh", "7", "42", "2024"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "seed 42 failed" in proc.stderr
+    assert [p.name for p in (root / "logs").iterdir()] == ["t_seed7.txt"]
+    assert not (root / "submission.json").exists()
