@@ -91,12 +91,13 @@ def kg_embedding_init(weight, strength, vocab_size):
 
 def cooccurrence(tokens: np.ndarray, vocab_size: int, window: int) -> np.ndarray:
     """Symmetric int64 [V, V] counts of token pairs at distance 1..window, diagonal zeroed."""
-    t = tokens.astype(np.int64)
+    t, n = np.asarray(tokens), len(tokens)
     counts = np.zeros(vocab_size * vocab_size, dtype=np.int64)
     for d in range(1, window + 1):
-        for s in range(0, max(t.size - d, 0), CHUNK):
-            e = min(s + CHUNK, t.size - d)
-            counts += np.bincount(t[s:e] * vocab_size + t[s + d:e + d], minlength=vocab_size * vocab_size)
+        for s in range(0, max(n - d, 0), CHUNK):
+            e = min(s + CHUNK, n - d)
+            pair = t[s:e].astype(np.int64) * vocab_size + t[s + d:e + d]
+            counts += np.bincount(pair, minlength=vocab_size * vocab_size)
     w = counts.reshape(vocab_size, vocab_size)
     w = w + w.T
     np.fill_diagonal(w, 0)
