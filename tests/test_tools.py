@@ -72,6 +72,8 @@ def test_json_matches_fixture_numbers(tmp_path):
     assert sub["hardware"] == "8x NVIDIA H100 80GB HBM3"
     assert sub["git_commit"] == "3f9c2d1a7b4e5f60718293a4b5c6d7e8f9a0b1c2"
     assert sub["config_hash"] == "a41f07c93e5d" and sub["mixer"] is True
+    assert sub["hparams"]["num_layers"] == 11 and "seed" not in sub["hparams"]
+    assert sub["blurb"].startswith("3 seed(s) on 8x NVIDIA H100 80GB HBM3")
     assert sub["bytes_code"] == CODE_BYTES and sub["code_files"] == CODE_FILES
 
     assert [s["seed"] for s in sub["seeds"]] == sorted(EXPECTED)
@@ -156,6 +158,19 @@ def test_inconsistent_size_refused(tmp_path):
                   ("int6+lzma: 15943009 bytes", "int6+lzma: 15900000 bytes"))
     proc, _ = make_json(tmp_path, bad)
     assert proc.returncode == 1 and "!= model" in proc.stderr
+
+
+def test_diverged_log_refused(tmp_path):
+    nan = variant(tmp_path, GPU_LOGS[0], "nan.txt",
+                  ("val_loss:1.84945500 val_bpb:1.09500000", "val_loss:nan val_bpb:nan"))
+    proc, _ = make_json(tmp_path, nan)
+    assert proc.returncode == 1 and f"{nan}: sliding val_bpb is nan" in proc.stderr
+
+
+def test_partial_validation_is_not_a_record(tmp_path):
+    part = variant(tmp_path, GPU_LOGS[0], "part.txt", ("val_tokens:62021632", "val_tokens:1000000"))
+    proc, _ = make_json(tmp_path, part)
+    assert proc.returncode == 1 and "not the full 62,021,632" in proc.stderr
 
 
 def test_cpu_sample_log_needs_non_record(tmp_path):

@@ -44,7 +44,8 @@ def render_readme(sub: dict) -> str:
     lines = [
         f"# {sub['name']}",
         "",
-        f"{kind} submission, {sub['date']}. Hardware: **{sub['hardware']}**. "
+        f"{kind} submission, {sub['date']}" + (f", by {sub['author']}" if sub["author"] else "")
+        + f". Hardware: **{sub['hardware']}**. "
         f"Dataset: `{sub['dataset']}` ({sub['val_tokens']:,} validation tokens). "
         f"Commit `{sub['git_commit']}`, config `{sub['config_hash']}`.",
         "",

@@ -23,6 +23,7 @@ SIZE_LIMIT = 16_000_000
 EVAL_LIMIT_S = 600.0
 RECORD_DATASET = "fineweb10B_sp1024"
 RECORD_WORLD_SIZE = 8
+RECORD_VAL_TOKENS = 62_021_632
 
 # Lines whose first token is one of these keys carry run metadata.
 HEADER_KEYS = {
@@ -33,7 +34,7 @@ HEADER_KEYS = {
 INT_KEYS = {"world_size", "compile", "sample", "val_tokens", "seed", "model_params", "mtp_params"}
 KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(.*)$")
 STEP_RE = re.compile(r"^step:(\d+)/(\d+)$")
-TOTAL_SIZE_RE = re.compile(r"^Total submission size\b[^:]*:\s*(\d+)\s*bytes")
+TOTAL_SIZE_RE = re.compile(r"^Total submission size int6\+lzma:\s*(\d+)\s*bytes")
 PEAK_MEM_RE = re.compile(r"^peak memory allocated:\s*(\d+)\s*MiB")
 
 # Fields that must agree across the logs of one submission, with the refusal wording.
@@ -111,8 +112,8 @@ def tokenize(line: str) -> tuple[str, dict]:
 
 
 def number(text: str) -> float:
-    """Parse '600012ms', '1.2s', '15865748 bytes' or '1.1484' as a float of the leading number."""
-    match = re.match(r"-?\d+(\.\d*)?([eE][-+]?\d+)?", text.strip())
+    """Parse '600012ms', '1.2s', '15865748 bytes', '1.1484' or 'nan' by its leading number."""
+    match = re.match(r"-?(\d+(\.\d*)?([eE][-+]?\d+)?|nan|inf)", text.strip(), re.IGNORECASE)
     if not match:
         raise ValueError(f"not a number: {text!r}")
     return float(match.group(0))
@@ -196,6 +197,10 @@ def run_problems(run: RunLog, non_record: bool) -> list[str]:
     if missing:
         return [f"incomplete log, missing {', '.join(missing)}"]
     problems = []
+    scores = {"round-trip": run.roundtrip_bpb, "sliding": run.sliding_bpb,
+              "neural sliding": run.neural_bpb}
+    problems += [f"{label} val_bpb is {value}" for label, value in scores.items()
+                 if value is not None and not math.isfinite(value)]
     if run.total_bytes > SIZE_LIMIT:
         problems.append(f"artifact is {run.total_bytes:,} bytes, over the {SIZE_LIMIT:,} limit")
     if run.total_bytes != run.model_bytes + run.code_bytes:
@@ -215,6 +220,9 @@ def _record_problems(run: RunLog) -> list[str]:
     if run.get("sample") == 1 or run.get("dataset") != RECORD_DATASET:
         problems.append(f"sample dataset ({run.get('dataset')}, sample:{run.get('sample')});"
                         " pass --non-record for a non-record summary")
+    elif run.get("val_tokens") != RECORD_VAL_TOKENS:
+        problems.append(f"scored {run.get('val_tokens')} validation tokens, not the full"
+                        f" {RECORD_VAL_TOKENS:,}; pass --non-record for a non-record summary")
     if run.get("device") != "cuda":
         problems.append(f"device:{run.get('device')} run; pass --non-record for a"
                         " non-record summary")
@@ -289,9 +297,15 @@ def build_submission(runs: list[RunLog], *, name: str, author: str, non_record: 
     first = runs[0]
     chip = first.get("gpu") if first.get("device") == "cuda" else "cpu"
     hardware = f"{first.get('world_size')}x {chip}"
+    bpb, neural = stats["val_bpb"], stats["neural_sliding_bpb"]
+    blurb = (f"{bpb['n']} seed(s) on {hardware}, {first.get('dataset')}: val_bpb "
+             f"{bpb['mean']:.4f} +/- {bpb['std']:.4f}"
+             + (f" (network alone {neural['mean']:.4f})" if first.mixer_on else "")
+             + ("" if not non_record else "; non-record"))
     return {
         "name": name,
         "author": author,
+        "blurb": blurb,
         "date": today or date.today().isoformat(),
         "record": not non_record,
         "val_bpb": stats["val_bpb"]["mean"],
@@ -311,6 +325,8 @@ def build_submission(runs: list[RunLog], *, name: str, author: str, non_record: 
         "git_commit": first.get("git_commit"),
         "config_hash": first.get("config_hash"),
         "model_params": first.get("model_params"),
+        "hparams": {k: v for k, v in (first.hparams or {}).items()
+                    if k.lower() not in ("seed", "run_id")},
         "seeds": seeds,
         "summary": stats,
     }
