@@ -186,6 +186,7 @@ def run_problems(run: RunLog, non_record: bool) -> list[str]:
     required = {
         "seed": run.get("seed"), "config_hash": run.get("config_hash"),
         "device": run.get("device"), "dataset": run.get("dataset"),
+        "val_tokens": run.get("val_tokens"),
         "serialized_model_int6_lzma": run.model_bytes, "code_bytes": run.code_bytes,
         "Total submission size": run.total_bytes,
         "final_int6_roundtrip": run.roundtrip_eval_ms,
