@@ -1,6 +1,6 @@
 """Fetch the competition's tokenized FineWeb (shards + tokenizer) from the Hugging Face Hub.
 
-    python data/cached_challenge_fineweb.py [--variant sp1024] [--train-shards N]
+    python data/cached_challenge_fineweb.py [--variant sp1024] [--train-shards N] [--data-root DIR]
 
 Reads the published manifest (dataset repo willdepueoai/parameter-golf, export under datasets/),
 then downloads every val shard, the first N train shards and the tokenizer model into
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from train_gpt import UserError, read_shard_header  # noqa: E402
+from train_gpt import HEADER_BYTES, UserError, read_shard_header  # noqa: E402
 
 REPO_ID = os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf")
 REMOTE_ROOT = "datasets"  # the export's folder inside the dataset repo
@@ -74,6 +74,8 @@ def is_valid(path: Path) -> bool:
     if not path.is_file() or path.stat().st_size == 0:
         return False
     if path.suffix == ".bin":
+        if path.stat().st_size < HEADER_BYTES:
+            return False
         try:
             read_shard_header(path)
         except UserError:
@@ -94,8 +96,9 @@ def check_reachable(endpoint: str, timeout: float = 5.0) -> None:
                         f"check the network or set HF_ENDPOINT") from None
 
 
-def hub_download(remote: str) -> Path:
-    """Fetch one repo file into the Hugging Face cache; network and Hub failures become one-line UserErrors."""
+def hub_download(remote: str, staging: Path) -> Path:
+    """Download one repo file into the staging folder (beside its destination, so a rename puts it in
+    place without a second copy); network and Hub failures become one-line UserErrors."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
@@ -104,7 +107,7 @@ def hub_download(remote: str) -> Path:
     if not constants.HF_HUB_OFFLINE:
         check_reachable(constants.ENDPOINT)
     try:
-        return Path(hf_hub_download(repo_id=REPO_ID, filename=remote, repo_type="dataset")).resolve()
+        return Path(hf_hub_download(repo_id=REPO_ID, filename=remote, repo_type="dataset", local_dir=staging))
     except LocalEntryNotFoundError as e:  # raised when the Hub cannot be reached and nothing is cached
         cause = e.__cause__ or e.__context__ or e
         reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{type(cause).__name__}: {first_line(cause)}"
@@ -124,27 +127,22 @@ def first_line(err: BaseException) -> str:
 
 
 def install(source: Path, dest: Path) -> None:
-    """Put a cached file at dest atomically (hard link if possible, else copy), shards validated first."""
+    """Move a downloaded file to dest with one atomic rename; a shard is validated first (and dropped if bad)."""
     if dest.suffix == ".bin":
-        read_shard_header(source)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
         try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+            read_shard_header(source)
+        except UserError:
+            source.unlink()
+            raise
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, dest)
 
 
-def load_manifest(data_root: Path) -> dict:
-    """The local manifest if present and readable, else the Hub's."""
+def load_manifest(data_root: Path, staging: Path) -> dict:
+    """The local manifest if present, else the Hub's."""
     path = local_path(manifest_remote_path(), data_root)
     if not is_valid(path):
-        install(hub_download(manifest_remote_path()), path)
+        install(hub_download(manifest_remote_path(), staging), path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -154,14 +152,18 @@ def load_manifest(data_root: Path) -> dict:
 def fetch(variant: str, train_shards: int | None, data_root: Path = DATA_ROOT) -> tuple[int, int]:
     """Download what is missing; returns (files fetched, files already present)."""
     fetched = skipped = 0
-    for remote in plan_downloads(load_manifest(data_root), variant, train_shards):
-        dest = local_path(remote, data_root)
-        if is_valid(dest):
-            skipped += 1
-            continue
-        install(hub_download(remote), dest)
-        fetched += 1
-        print(f"fetched {dest.relative_to(data_root.parent)}", flush=True)
+    staging = data_root / "datasets" / f".download.{os.getpid()}"
+    try:
+        for remote in plan_downloads(load_manifest(data_root, staging), variant, train_shards):
+            dest = local_path(remote, data_root)
+            if is_valid(dest):
+                skipped += 1
+                continue
+            install(hub_download(remote, staging), dest)
+            fetched += 1
+            print(f"fetched {dest}", flush=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return fetched, skipped
 
 
@@ -170,14 +172,16 @@ def main() -> None:
     parser.add_argument("--variant", default="sp1024", help="tokenizer family, e.g. sp1024 (fineweb10B_sp1024)")
     parser.add_argument("--train-shards", type=int, default=None,
                         help=f"number of train shards (100M tokens each); default {DEFAULT_TRAIN_SHARDS}")
+    parser.add_argument("--data-root", type=Path, default=DATA_ROOT,
+                        help="folder that receives datasets/ and tokenizers/ (default: this repo's data/)")
     args = parser.parse_args()
     try:
-        fetched, skipped = fetch(args.variant, args.train_shards)
+        fetched, skipped = fetch(args.variant, args.train_shards, args.data_root.resolve())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"fineweb10B_{args.variant}: {fetched} files fetched, {skipped} already present, "
-          f"in {DATA_ROOT / 'datasets'} and {DATA_ROOT / 'tokenizers'}")
+          f"in {args.data_root / 'datasets'} and {args.data_root / 'tokenizers'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,360 @@
+"""Data layer: shard format, token loader, BPB byte counts, the sample builder and the FineWeb fetcher.
+
+Expectations come from independent sources: a struct/numpy shard reader written here, the plain
+token stream for the loader, and the UTF-8 length of decoded text for the byte rule."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_gpt  # noqa: E402
+from train_gpt import UserError  # noqa: E402
+
+BUILDER = ROOT / "data" / "build_sample_dataset.py"
+FETCHER = ROOT / "data" / "cached_challenge_fineweb.py"
+
+
+def independent_read(path: Path) -> np.ndarray:
+    """The shard format read straight from SPEC §2: 256 LE int32 header, then LE uint16 tokens."""
+    raw = path.read_bytes()
+    magic, version, n = struct.unpack("<3i", raw[:12])
+    assert (magic, version) == (20240520, 1)
+    assert struct.unpack("<253i", raw[12:1024]) == (0,) * 253
+    assert len(raw) == 1024 + 2 * n
+    return np.frombuffer(raw[1024:], dtype="<u2")
+
+
+def build_sample(data_dir: Path, tokenizer: Path, *extra: str) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(BUILDER), "--data-dir", str(data_dir), "--tokenizer", str(tokenizer),
+                          *extra], capture_output=True, text=True, check=True).stdout
+    return out, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """The default sample build (all of the stdlib text), made once per test session."""
+    root = tmp_path_factory.mktemp("sample")
+    out, seconds = build_sample(root / "sample_sp1024", root / "sample_1024_bpe.model")
+    return root / "sample_sp1024", root / "sample_1024_bpe.model", out, seconds
+
+
+@pytest.fixture(scope="session")
+def sp(sample):
+    return train_gpt.load_tokenizer(str(sample[1]), 1024)
+
+
+# ----------------------------------------------------------------------------- shards
+@pytest.mark.parametrize("tokens", [[], [0], [0, 1, 65535, 1023, 7] * 50])
+def test_shard_round_trip(tmp_path, tokens):
+    path = tmp_path / "fineweb_train_000000.bin"
+    train_gpt.write_shard(path, np.array(tokens, dtype=np.int64))
+    assert path.stat().st_size == 1024 + 2 * len(tokens)
+    assert independent_read(path).tolist() == tokens
+    assert train_gpt.read_shard_header(path) == len(tokens)
+    assert train_gpt.load_data_shard(path).tolist() == tokens
+
+
+def test_write_shard_rejects_out_of_range(tmp_path):
+    for bad in ([65536], [-1]):
+        with pytest.raises(ValueError):
+            train_gpt.write_shard(tmp_path / "x.bin", np.array(bad))
+    assert not list(tmp_path.iterdir())
+
+
+def _header(magic=20240520, version=1, n=4) -> bytes:
+    return struct.pack("<256i", magic, version, n, *([0] * 253))
+
+
+BAD_SHARDS = {
+    "wrong magic": (_header(magic=12345) + b"\0" * 8, "magic"),
+    "wrong version": (_header(version=2) + b"\0" * 8, "version"),
+    "truncated body": (_header(n=4) + b"\0" * 6, "truncated"),
+    "extra bytes": (_header(n=4) + b"\0" * 10, "truncated or corrupt"),
+    "negative count": (_header(n=-1), "corrupt"),
+    "shorter than header": (b"\x00" * 100, "header"),
+    "empty file": (b"", "header"),
+}
+
+
+# A short file whose length is not a multiple of 4 makes read_shard_header's np.frombuffer raise
+# ValueError instead of UserError (fix in train_gpt.py: check the byte count before np.frombuffer).
+ODD_SIZE = pytest.param("odd-sized stub", marks=pytest.mark.xfail(strict=True, raises=ValueError,
+                                                                  reason="train_gpt.read_shard_header: ValueError"))
+BAD_SHARDS["odd-sized stub"] = (b"\x00" * 11, "header")
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_SHARDS) - {"odd-sized stub"}) + [ODD_SIZE])
+def test_bad_shard_is_refused_naming_the_file(tmp_path, case):
+    data, why = BAD_SHARDS[case]
+    path = tmp_path / "fineweb_train_000000.bin"
+    path.write_bytes(data)
+    for read in (train_gpt.read_shard_header, train_gpt.load_data_shard,
+                 lambda p: train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin")).take(1)):
+        with pytest.raises(UserError) as err:
+            read(path)
+        assert str(path) in str(err.value) and why in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_bad_shard_later_in_the_list_fails_before_any_tokens(tmp_path):
+    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(100))
+    (tmp_path / "fineweb_train_000001.bin").write_bytes(_header(n=50) + b"\0" * 10)
+    with pytest.raises(UserError, match="fineweb_train_000001.bin"):
+        train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"))
+
+
+def test_missing_shards_and_files(tmp_path):
+    with pytest.raises(UserError, match="no shards match"):
+        train_gpt.list_shards(str(tmp_path / "fineweb_val_*.bin"))
+    with pytest.raises(UserError, match="cannot read shard"):
+        train_gpt.read_shard_header(tmp_path / "absent.bin")
+
+
+# ----------------------------------------------------------------------------- loader
+def _write_stream(tmp_path, sizes, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    parts = [rng.integers(0, 1024, n) for n in sizes]
+    for i, part in enumerate(parts):
+        train_gpt.write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", part)
+    return np.concatenate(parts)
+
+
+def test_token_stream_reads_shards_in_order_and_wraps(tmp_path):
+    stream = _write_stream(tmp_path, [50, 7, 30])
+    ts = train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"))
+    got = torch.cat([ts.take(n) for n in (13, 40, 60, 20)]).numpy()
+    assert got.tolist() == np.tile(stream, 2)[:133].tolist()
+
+
+def test_two_ranks_equal_one_rank_micro_batches(tmp_path):
+    seq, local = 8, 32  # tokens per rank per micro-step
+    stream = _write_stream(tmp_path, [101, 57, 230])
+    pattern, cpu = str(tmp_path / "fineweb_train_*.bin"), torch.device("cpu")
+    ranks = [train_gpt.DistributedTokenLoader(pattern, r, 2, cpu) for r in range(2)]
+    single = train_gpt.DistributedTokenLoader(pattern, 0, 1, cpu)
+    expected = np.tile(stream, 4)
+    for step in range(6):  # long enough to cross every shard boundary and wrap
+        two = [loader.next_batch(2 * local, seq, grad_accum_steps=1) for loader in ranks]
+        one = [single.next_batch(2 * local, seq, grad_accum_steps=2) for _ in range(2)]
+        for (x2, y2), (x1, y1), micro in zip(two, one, (2 * step, 2 * step + 1)):
+            assert torch.equal(x2, x1) and torch.equal(y2, y1)
+            window = expected[micro * (local + 1):(micro + 1) * (local + 1)]
+            assert x1.shape == (local // seq, seq) and x1.dtype == torch.int64
+            assert x1.flatten().tolist() == window[:-1].tolist()
+            assert y1.flatten().tolist() == window[1:].tolist()
+
+
+# ----------------------------------------------------------------------------- BPB bytes
+BPB_TEXT = [
+    "Plain ASCII with digits 0123456789 and 3.14159, then punctuation!?",
+    "Accents: café, naïve, Ünïcödé, Øresund; ligature ﬁ and ½ (NFKC folds them).",
+    "CJK 漢字テスト 한국어 and emoji 🦜🚀👩‍💻 with a rare char ꙮ and a NUL \x00 byte.",
+    "Line one\nLine two\n\n   indented after spaces\tand a tab, trailing spaces   ",
+    "  leading spaces, then   many   gaps",
+    "x",
+]
+
+
+def _stream_bytes(tokens: list[int], sp) -> int:
+    luts = train_gpt.build_byte_luts(sp, 1024)
+    t = torch.tensor(tokens, dtype=torch.int64)
+    return int(train_gpt.target_bytes(t[:-1], t[1:], luts).sum())
+
+
+@pytest.mark.parametrize("text", BPB_TEXT)
+def test_target_bytes_match_decoded_utf8_length(sp, text):
+    """Without BOS the first token is never a target: the rule counts every byte after it."""
+    ids = sp.encode(text)
+    first = sp.id_to_piece(ids[0])
+    first_bytes = 1 if sp.is_byte(ids[0]) else len(first.lstrip("\u2581").encode())
+    assert _stream_bytes(ids, sp) == len(sp.decode(ids).encode()) - first_bytes
+
+
+def test_target_bytes_of_bos_documents_match_decoded_text(sp):
+    """Shard layout (BOS before each document): every byte of every decoded document is counted once."""
+    tokens, expected = [], 0
+    for text in BPB_TEXT:
+        ids = sp.encode(text)
+        tokens += [sp.bos_id()] + ids
+        expected += len(sp.decode(ids).encode())
+    assert any(sp.is_byte(t) for t in tokens), "the text must exercise byte fallback"
+    assert any(sp.id_to_piece(t).startswith("\u2581") for t in tokens)
+    assert _stream_bytes(tokens, sp) == expected
+
+
+def test_target_bytes_on_sample_val_shard(sample, sp):
+    val = train_gpt.load_validation_tokens(str(sample[0] / "fineweb_val_*.bin")).tolist()
+    bos = sp.bos_id()
+    starts = [i for i, t in enumerate(val) if t == bos] + [len(val)]
+    expected = sum(len(sp.decode(val[a + 1:b]).encode()) for a, b in zip(starts, starts[1:]))
+    assert starts[0] == 0 and _stream_bytes(val, sp) == expected
+
+
+# ----------------------------------------------------------------------------- sample builder
+def _digests(*paths: Path) -> dict[str, str]:
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.iterdir()))]
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_sample_build_is_deterministic_and_replaces_stale_files(tmp_path):
+    a, b = tmp_path / "a" / "sample_sp1024", tmp_path / "b" / "sample_sp1024"
+    b.mkdir(parents=True)
+    (b / "fineweb_train_000042.bin").write_bytes(b"stale")
+    for d in (a, b):
+        build_sample(d, d.parent / "tok.model", "--max-chars", "300000", "--shard-tokens", "40000")
+    assert _digests(a, a.parent / "tok.model") == _digests(b, b.parent / "tok.model")
+    assert not (b / "fineweb_train_000042.bin").exists()
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []  # no temp files left behind
+
+
+def test_default_sample_meets_size_targets(sample, sp):
+    data_dir, tokenizer, out, seconds = sample
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    train = [independent_read(data_dir / f) for f in manifest["files_train"]]
+    val = [independent_read(data_dir / f) for f in manifest["files_val"]]
+    n_train, n_val = sum(map(len, train)), sum(map(len, val))
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(
+        manifest["files_train"] + manifest["files_val"] + ["manifest.json"])
+    assert all(f.startswith("fineweb_train_") for f in manifest["files_train"])
+    assert (n_train, n_val) == (manifest["tokens_train"], manifest["tokens_val"])
+    assert n_train + n_val >= 300_000 and n_val >= 0.10 * (n_train + n_val)
+    assert seconds < 60, f"build took {seconds:.1f}s"
+    assert manifest["python_version"] == ".".join(map(str, sys.version_info[:3]))
+    assert out.count("\n") == 1 and "sample dataset:" in out
+    # every document starts with BOS and BOS appears nowhere else
+    bos = sp.bos_id()
+    assert bos == 1 and train[0][0] == bos and val[0][0] == bos
+    assert int((np.concatenate(val) == bos).sum()) == manifest["docs_val"]
+    assert int((np.concatenate(train) == bos).sum()) == manifest["docs_train"]
+    assert max(int(t.max()) for t in train + val) < 1024
+    for f in manifest["files_train"] + manifest["files_val"]:
+        assert independent_read(data_dir / f).tolist() == train_gpt.load_data_shard(data_dir / f).tolist()
+
+
+def test_sample_tokenizer_matches_competition_settings(sp):
+    assert (sp.vocab_size(), sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (1024, 0, 1, 2, 3)
+    assert sum(sp.is_byte(i) for i in range(1024)) == 256  # byte fallback
+    assert not any(any(c.isdigit() for c in sp.id_to_piece(i)) and len(sp.id_to_piece(i).strip("\u2581")) > 1
+                   for i in range(1024) if not sp.is_byte(i) and not sp.is_control(i))  # split digits
+
+
+# ----------------------------------------------------------------------------- FineWeb fetcher
+@pytest.fixture(scope="module")
+def fetcher():
+    spec = importlib.util.spec_from_file_location("cached_challenge_fineweb", FETCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _manifest(n_train=3, n_val=1) -> dict:
+    """Shaped like the published export's manifest.json (only the fields the fetcher reads, plus noise)."""
+    return {
+        "version": "10B",
+        "tokenizers": [
+            {"name": "sp_bpe_512", "model_path": "tokenizers/fineweb_512_bpe.model"},
+            {"name": "sp_bpe_1024", "kind": "sentencepiece_bpe", "vocab_size": 1024,
+             "model_path": "tokenizers/fineweb_1024_bpe.model", "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"},
+        ],
+        "datasets": [
+            {"name": "fineweb10B_sp512", "tokenizer_name": "sp_bpe_512", "stats": {"files_train": 9, "files_val": 1}},
+            {"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
+             "stats": {"files_train": n_train, "files_val": n_val, "tokens_train": 0}},
+        ],
+    }
+
+
+def test_local_paths(fetcher, tmp_path):
+    lp = fetcher.local_path
+    assert lp("datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin", tmp_path) == \
+        tmp_path / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000000.bin"
+    assert lp("datasets/tokenizers/fineweb_1024_bpe.model", tmp_path) == tmp_path / "tokenizers" / "fineweb_1024_bpe.model"
+    assert lp("datasets/manifest.json", tmp_path) == tmp_path / "datasets" / "manifest.json"
+    for bad in ("datasets/../../etc/passwd", "other/tokenizers/x.model", "manifest.json"):
+        with pytest.raises(UserError):
+            lp(bad, tmp_path)
+
+
+def test_plan_downloads(fetcher):
+    prefix = "datasets/datasets/fineweb10B_sp1024"
+    assert fetcher.plan_downloads(_manifest(3, 2), "sp1024", 2) == [
+        f"{prefix}/fineweb_val_000000.bin", f"{prefix}/fineweb_val_000001.bin",
+        f"{prefix}/fineweb_train_000000.bin", f"{prefix}/fineweb_train_000001.bin",
+        "datasets/tokenizers/fineweb_1024_bpe.model"]
+    assert len(fetcher.plan_downloads(_manifest(3), "sp1024", None)) == 1 + 3 + 1  # default: all when < 80
+    assert len(fetcher.plan_downloads(_manifest(195), "sp1024", None)) == 1 + 80 + 1
+    assert len(fetcher.plan_downloads(_manifest(3), "sp1024", 0)) == 2
+    for manifest, variant, n, match in [(_manifest(3), "sp1024", 4, "outside 0..3"),
+                                        (_manifest(3), "sp1024", -1, "outside"),
+                                        (_manifest(3), "sp4096", 1, "fineweb10B_sp4096 is not in the manifest"),
+                                        ({"datasets": [], "tokenizers": []}, "sp1024", 1, "not in the manifest"),
+                                        ({**_manifest(3), "tokenizers": []}, "sp1024", 1, "no tokenizer")]:
+        with pytest.raises(UserError, match=match):
+            fetcher.plan_downloads(manifest, variant, n)
+
+
+def test_fetch_downloads_validates_and_skips(fetcher, tmp_path, monkeypatch):
+    """A fake Hub (a local folder) stands in for hf_hub_download."""
+    hub, data = tmp_path / "hub", tmp_path / "data"
+    prefix = hub / "datasets" / "datasets" / "fineweb10B_sp1024"
+    for split, n in (("val", 1), ("train", 3)):
+        for i in range(n):
+            train_gpt.write_shard(prefix / f"fineweb_{split}_{i:06d}.bin", np.arange(10 + i))
+    (hub / "datasets" / "tokenizers").mkdir(parents=True)
+    (hub / "datasets" / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"model")
+    (hub / "datasets" / "manifest.json").write_text(json.dumps(_manifest(3)))
+    calls = []
+
+    def fake_download(remote: str, staging: Path) -> Path:
+        calls.append(remote)
+        (staging / remote).parent.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copyfile(hub / remote, staging / remote))
+
+    monkeypatch.setattr(fetcher, "hub_download", fake_download)
+
+    assert fetcher.fetch("sp1024", 2, data) == (4, 0)
+    assert len(calls) == 5  # manifest + 1 val + 2 train + tokenizer
+    local = data / "datasets" / "fineweb10B_sp1024"
+    assert sorted(p.name for p in local.iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+    assert train_gpt.load_data_shard(local / "fineweb_train_000001.bin").tolist() == list(range(11))
+    assert (data / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == b"model"
+
+    calls.clear()
+    (local / "fineweb_train_000001.bin").write_bytes(b"half a file")  # corrupt local copy is fetched again
+    assert fetcher.fetch("sp1024", 2, data) == (1, 3) and calls == [
+        "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"]
+
+    (prefix / "fineweb_train_000002.bin").write_bytes(_header(n=99))  # corrupt on the Hub: refused, not installed
+    with pytest.raises(UserError, match="fineweb_train_000002.bin"):
+        fetcher.fetch("sp1024", 3, data)
+    assert not (local / "fineweb_train_000002.bin").exists()
+    assert not [p for p in data.rglob(".*")]
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_fetch_without_network_fails_in_one_line(tmp_path, env):
+    full_env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", **env}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, str(FETCHER), "--train-shards", "1", "--data-root", str(tmp_path / "data")],
+                         capture_output=True, text=True, env=full_env, timeout=60)
+    assert res.returncode != 0 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: cannot reach the Hugging Face Hub")
+    assert time.perf_counter() - t0 < 20
