@@ -1,0 +1,1250 @@
+"""
+train_gpt.py — Parameter Golf record submission, honest edition.
+
+Trains an 11-layer GPT with multi-token-prediction heads (torchrun, 8xH100, 600 s), exports it as an
+int6+LZMA artifact under 16,000,000 bytes (every code file the run needs counted), and scores it with
+a sharded sliding-window evaluation mixed with an exact, normalized n-gram model (backoff_mixer.py):
+each batch is scored first, the n-gram counts are updated after. The score is a real BPB.
+
+Sections: hyperparameters -> data -> model -> optimizer -> training -> export -> evaluation -> main.
+Runs as `torchrun --standalone --nproc_per_node=8 train_gpt.py` on GPUs, or `python train_gpt.py`
+on a CPU (a small preset on the built-in sample dataset). Every number is an env var.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import glob
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # backoff_mixer.py / kg_data.py sit beside this file, whatever the cwd
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad value, bad file): printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+# (name, record default, cpu-preset default or None = same). The CPU preset is chosen when CUDA is
+# absent: a small model that trains for a couple of minutes on the sample dataset. Any env var wins.
+HPARAMS = [
+    # data and run
+    ("DATA_PATH", "./data/datasets/fineweb10B_sp1024", None),
+    ("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", None),
+    ("RUN_ID", "", None),
+    ("SEED", 1337, None),
+    ("ITERATIONS", 20000, 300),
+    ("MAX_WALLCLOCK_SECONDS", 600.0, 150.0),
+    ("WARMUP_STEPS", 20, 0),
+    ("WARMDOWN_ITERS", 3700, 100),
+    ("TRAIN_BATCH_TOKENS", 786432, 16384),
+    ("TRAIN_SEQ_LEN", 2048, 256),
+    ("TRAIN_LOG_EVERY", 200, 25),
+    ("VAL_LOSS_EVERY", 4000, 100),
+    ("VAL_BATCH_SIZE", 524288, 16384),
+    ("COMPILE", 1, 0),
+    # model
+    ("VOCAB_SIZE", 1024, None),
+    ("NUM_LAYERS", 11, 4),
+    ("MODEL_DIM", 512, 128),
+    ("NUM_HEADS", 8, 4),
+    ("NUM_KV_HEADS", 4, 2),
+    ("MLP_MULT", 3, None),
+    ("MLP_LEAKY_SLOPE", 0.75, None),
+    ("ROPE_DIMS", 16, None),
+    ("ROPE_BASE", 10000.0, None),
+    ("LOGIT_SOFTCAP", 30.0, None),
+    ("QK_GAIN_INIT", 1.5, None),
+    ("TIED_EMBED_INIT_STD", 0.005, None),
+    ("BIGRAM_VOCAB_SIZE", 2048, None),
+    ("BIGRAM_DIM", 128, 64),
+    ("XSA_LAST_N", 4, 2),
+    ("VE_DIM", 128, 32),
+    ("VE_LAYERS", "9,10", "2,3"),
+    ("MTP_NUM_HEADS", 2, None),
+    ("MTP_LOSS_WEIGHT", 0.1, None),
+    ("KG_INIT", 0, None),
+    ("KG_INIT_STRENGTH", 0.5, None),
+    # optimizer
+    ("MATRIX_LR", 0.027, 0.02),
+    ("TIED_EMBED_LR", 0.035, None),
+    ("SCALAR_LR", 0.025, None),
+    ("MUON_MOMENTUM", 0.99, 0.95),
+    ("MUON_MOMENTUM_WARMUP_START", 0.92, 0.85),
+    ("MUON_MOMENTUM_WARMUP_STEPS", 1500, 100),
+    ("MUON_BACKEND_STEPS", 5, None),
+    ("MUON_WD", 0.04, None),
+    ("ADAM_WD", 0.04, None),
+    ("BETA1", 0.9, None),
+    ("BETA2", 0.95, None),
+    ("ADAM_EPS", 1e-8, None),
+    ("GRAD_CLIP_NORM", 0.3, None),
+    ("EMA_DECAY", 0.997, 0.98),
+    # export and evaluation
+    ("EVAL_SEQ_LEN", 2048, 256),
+    ("EVAL_STRIDE", 64, 128),
+    ("EVAL_BATCH_SEQS", 128, 32),
+    ("USE_NGRAM_MIXER", 1, None),
+    ("NGRAM_ORDER", 10, None),
+    ("NGRAM_MIN_COUNT", 1, None),
+    ("NGRAM_RULE", "backoff", None),
+    ("ALPHA_BASE", 0.20, None),
+    ("ALPHA_RANGE", 0.55, None),
+    ("ALPHA_CENTER", 3.0, None),
+    ("EVAL_ONLY", 0, None),
+    ("ARTIFACT", "", None),
+    ("EVAL_DUMP", "", None),
+    ("COLLECTIVE_TIMEOUT_SECONDS", 600, 120),
+]
+# Values that must be >= 1 (counts and sizes) or > 0 (rates); checked before any work starts.
+POSITIVE_INT = {"ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "TRAIN_LOG_EVERY", "VAL_BATCH_SIZE",
+                "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
+                "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "VE_DIM", "MUON_BACKEND_STEPS", "EVAL_SEQ_LEN",
+                "EVAL_STRIDE", "EVAL_BATCH_SEQS", "NGRAM_MIN_COUNT", "COLLECTIVE_TIMEOUT_SECONDS"}
+NON_NEGATIVE = {"MAX_WALLCLOCK_SECONDS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "ROPE_DIMS",
+                "XSA_LAST_N", "MTP_NUM_HEADS", "MTP_LOSS_WEIGHT", "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR",
+                "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM", "MUON_MOMENTUM_WARMUP_STEPS", "KG_INIT_STRENGTH"}
+UNIT_INTERVAL = {"MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY",
+                 "ALPHA_BASE", "ALPHA_RANGE", "MLP_LEAKY_SLOPE"}
+BOOLEAN = {"COMPILE", "USE_NGRAM_MIXER", "KG_INIT", "EVAL_ONLY"}
+NOT_IN_CONFIG_HASH = {"SEED", "RUN_ID", "EVAL_ONLY", "ARTIFACT", "EVAL_DUMP", "DATA_PATH", "TOKENIZER_PATH"}
+
+
+class Hyperparameters:
+    """Reads every hyperparameter from the environment (record default, or CPU preset without CUDA)."""
+
+    def __init__(self, env=None, preset: str | None = None):
+        env = os.environ if env is None else env
+        self.preset = preset or ("record" if torch.cuda.is_available() else "cpu")
+        self.explicit = {name for name, _, _ in HPARAMS if name in env}
+        for name, record, cpu in HPARAMS:
+            default = cpu if (self.preset == "cpu" and cpu is not None) else record
+            raw = env.get(name)
+            setattr(self, name.lower(), default if raw is None else self._parse(name, raw, type(record)))
+        self._validate()
+
+    @staticmethod
+    def _parse(name, raw, kind):
+        try:
+            if kind is int:
+                value = float(raw.strip())
+                if value != int(value):
+                    raise ValueError
+                return int(value)
+            return float(raw) if kind is float else raw
+        except ValueError:
+            raise UserError(f"{name}={raw!r} is not a valid {kind.__name__}; set {name} to a number") from None
+
+    def _validate(self):
+        for name, _, _ in HPARAMS:
+            v = getattr(self, name.lower())
+            if name in POSITIVE_INT and v < 1:
+                raise UserError(f"{name}={v} must be >= 1")
+            if name in NON_NEGATIVE and v < 0:
+                raise UserError(f"{name}={v} must be >= 0")
+            if name in UNIT_INTERVAL and not 0 <= v <= 1:
+                raise UserError(f"{name}={v} must lie in [0, 1]")
+            if name in BOOLEAN and v not in (0, 1):
+                raise UserError(f"{name}={v} must be 0 or 1")
+        if self.model_dim % self.num_heads:
+            raise UserError(f"NUM_HEADS={self.num_heads} does not divide MODEL_DIM={self.model_dim}; pick a divisor")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"NUM_KV_HEADS={self.num_kv_heads} does not divide NUM_HEADS={self.num_heads}; pick a divisor")
+        head_dim = self.model_dim // self.num_heads
+        if head_dim % 2:
+            raise UserError(f"head dim MODEL_DIM/NUM_HEADS={head_dim} is odd; rotary embeddings need an even head dim")
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise UserError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
+        if self.eval_stride > self.eval_seq_len:
+            raise UserError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}; use a stride <= the window")
+        if self.ngram_order < 2:
+            raise UserError(f"NGRAM_ORDER={self.ngram_order} must be >= 2 (orders 2..NGRAM_ORDER are counted)")
+        if self.xsa_last_n > self.num_layers:
+            raise UserError(f"XSA_LAST_N={self.xsa_last_n} exceeds NUM_LAYERS={self.num_layers}")
+        for layer in self.ve_layer_ids:
+            if not 0 <= layer < self.num_layers:
+                raise UserError(f"VE_LAYERS={self.ve_layers!r} names layer {layer}, outside 0..{self.num_layers - 1}")
+
+    @property
+    def ve_layer_ids(self) -> list[int]:
+        try:
+            return [int(s) for s in self.ve_layers.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"VE_LAYERS={self.ve_layers!r} must be a comma-separated list of layer indices") from None
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name.lower()) for name, _, _ in HPARAMS}
+
+    def config_hash(self) -> str:
+        """Hash of every setting that changes the model or its score (not seed, run id or paths)."""
+        cfg = {k: v for k, v in self.as_dict().items() if k not in NOT_IN_CONFIG_HASH}
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- data
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+SAMPLE_DATA_PATH = "./data/datasets/sample_sp1024"
+SAMPLE_TOKENIZER_PATH = "./data/tokenizers/sample_1024_bpe.model"
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write bytes to path via a temp file in the same folder and a rename: whole or absent, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_shard(path, tokens) -> None:
+    """Competition shard: 256 little-endian int32 [magic, version, n, 0...], then n little-endian uint16."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError("shard tokens must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
+
+
+def read_shard_header(path) -> int:
+    """Validate a shard's header and size; return its token count. Names the file and the fault."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    except OSError as e:
+        raise UserError(f"cannot read shard {path}: {e.strerror}") from None
+    if header.size < HEADER_INTS:
+        raise UserError(f"shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header; re-download or rebuild it")
+    if header[0] != SHARD_MAGIC:
+        raise UserError(f"shard {path} has magic {header[0]}, expected {SHARD_MAGIC}: not a competition shard")
+    if header[1] != SHARD_VERSION:
+        raise UserError(f"shard {path} has version {header[1]}, expected {SHARD_VERSION}; rebuild it with this code")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + 2 * n:
+        raise UserError(f"shard {path} is {size} bytes but its header promises {n} tokens "
+                        f"({HEADER_BYTES + 2 * max(n, 0)} bytes): truncated or corrupt; re-download or rebuild it")
+    return n
+
+
+def load_data_shard(path) -> Tensor:
+    """All tokens of one validated shard as a uint16 tensor."""
+    n = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    return torch.from_numpy(tokens.astype(np.uint16, copy=False))
+
+
+def list_shards(pattern: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise UserError(f"no shards match {pattern}; fetch FineWeb (python data/cached_challenge_fineweb.py) "
+                        f"or build the sample (python data/build_sample_dataset.py)")
+    return files
+
+
+class TokenStream:
+    """Reads shards in order as one endless stream (wrapping to the first shard at the end)."""
+
+    def __init__(self, pattern: str):
+        self.files = list_shards(pattern)
+        for f in self.files:
+            read_shard_header(f)  # fail on a bad shard now, not an hour into training
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_data_shard(self.files[0])
+
+    def take(self, n: int) -> Tensor:
+        chunks, left = [], n
+        while left > 0:
+            if self.pos >= self.tokens.numel():
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+                continue
+            k = min(left, self.tokens.numel() - self.pos)
+            chunks.append(self.tokens[self.pos:self.pos + k])
+            self.pos, left = self.pos + k, left - k
+        return torch.cat(chunks)
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes world*(local+1) tokens of the stream; rank r keeps its own contiguous slice.
+
+    local = global_tokens / (world * grad_accum). A micro-step of W ranks covers exactly the W
+    consecutive micro-batches a single rank would take, so the global batch does not depend on W."""
+
+    def __init__(self, pattern: str, rank: int, world_size: int, device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.stream = TokenStream(pattern)
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
+        local = global_tokens // (self.world_size * grad_accum_steps)
+        chunk = self.stream.take((local + 1) * self.world_size)
+        mine = chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)].to(torch.int64)
+        x, y = mine[:-1].reshape(-1, seq_len), mine[1:].reshape(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def load_validation_tokens(pattern: str, min_tokens: int = 2) -> Tensor:
+    """The whole validation stream (all val shards, in order)."""
+    tokens = torch.cat([load_data_shard(f) for f in list_shards(pattern)])
+    if tokens.numel() < min_tokens:
+        raise UserError(f"validation split {pattern} has {tokens.numel()} tokens, fewer than the {min_tokens} "
+                        f"needed (one window + 1); use more val data or a shorter EVAL_SEQ_LEN/TRAIN_SEQ_LEN")
+    return tokens
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+    if not Path(path).is_file():
+        raise UserError(f"tokenizer {path} not found; set TOKENIZER_PATH or fetch it (python data/cached_challenge_fineweb.py)")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError):
+        raise UserError(f"tokenizer {path} is not a SentencePiece model; re-download or rebuild it") from None
+    if sp.vocab_size() != vocab_size:
+        raise UserError(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={vocab_size}; "
+                        f"use the matching tokenizer or set VOCAB_SIZE={sp.vocab_size()}")
+    return sp
+
+
+def build_byte_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token byte tables of the competition rule (SPEC §3): base bytes, leading space, boundary."""
+    base = torch.zeros(vocab_size, dtype=torch.int32)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.ones(vocab_size, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return base, space, boundary
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
+    """bytes(y) = base[y] + (leading_space[y] and not boundary[prev]), elementwise."""
+    base, space, boundary = (t.to(tgt.device) for t in luts)
+    return base[tgt] + (space[tgt] & ~boundary[prev]).to(base.dtype)
+
+
+def resolve_data(args: Hyperparameters, log) -> bool:
+    """Pick the dataset: FineWeb at DATA_PATH, else (DATA_PATH not set) the built-in sample. True = sample."""
+    if "DATA_PATH" in args.explicit or Path(args.data_path).is_dir():
+        if not Path(args.data_path).is_dir():
+            raise UserError(f"DATA_PATH={args.data_path} does not exist; fix the path or unset DATA_PATH to use the sample dataset")
+        return False
+    if not Path(SAMPLE_DATA_PATH).is_dir() or not Path(SAMPLE_TOKENIZER_PATH).is_file():
+        log(f"data: FineWeb not found at {args.data_path}; building the sample dataset (data/build_sample_dataset.py)")
+        subprocess.run([sys.executable, str(ROOT / "data" / "build_sample_dataset.py")], check=True)
+    args.data_path = SAMPLE_DATA_PATH
+    if "TOKENIZER_PATH" not in args.explicit:
+        args.tokenizer_path = SAMPLE_TOKENIZER_PATH
+    log(f"data: SAMPLE dataset in use ({SAMPLE_DATA_PATH}): built-in CPython text, not FineWeb; not record evidence")
+    return True
+
+
+# ----------------------------------------------------------------------------- model
+try:  # FlashAttention-3 (Hopper); everything else uses PyTorch SDPA
+    from flash_attn_interface import flash_attn_func as _fa3_func
+except ImportError:
+    _fa3_func = None
+
+
+def attention_backend(device: torch.device) -> str:
+    if _fa3_func is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return "fa3"
+    return "sdpa"
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """RMSNorm without weight: x / sqrt(mean(x^2) + eps)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def softcap(z: Tensor, cap: float) -> Tensor:
+    return cap * torch.tanh(z / cap)
+
+
+class Rotary(nn.Module):
+    """Partial RoPE on the first `dims` channels of each head. For T > 1024 the base is NTK-scaled:
+    base' = base * (T/1024)^(dims/(dims-2))."""
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims, self.base = dims, base
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, H, D]
+        if self.dims == 0:
+            return x
+        T = x.size(1)
+        base = self.base * (T / 1024) ** (self.dims / (self.dims - 2)) if T > 1024 else self.base
+        inv_freq = base ** (-torch.arange(0, self.dims, 2, device=x.device, dtype=torch.float32) / self.dims)
+        freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
+        rot, keep = x[..., :self.dims], x[..., self.dims:]
+        a, b = rot[..., : self.dims // 2], rot[..., self.dims // 2:]
+        return torch.cat([a * cos + b * sin, b * cos - a * sin, keep], dim=-1)
+
+
+class Attention(nn.Module):
+    """GQA causal attention: QK-RMSNorm, partial RoPE, per-head q gain, optional value embedding added
+    to V, optional XSA (remove from each head's output its component along its own normalized value)."""
+
+    def __init__(self, args: Hyperparameters, xsa: bool):
+        super().__init__()
+        d, self.h, self.kv = args.model_dim, args.num_heads, args.num_kv_heads
+        self.hd = d // self.h
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, self.kv * self.hd, bias=False)
+        self.v = nn.Linear(d, self.kv * self.hd, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.q_gain = nn.Parameter(torch.full((self.h,), args.qk_gain_init))
+        self.rotary = Rotary(args.rope_dims, args.rope_base)
+        self.xsa = xsa
+        self.backend = "sdpa"
+
+    def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, self.hd)
+        k = self.k(x).view(B, T, self.kv, self.hd)
+        v = self.v(x)
+        if ve is not None:
+            v = v + ve
+        v = v.view(B, T, self.kv, self.hd)
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, None, :, None]
+        k = self.rotary(rms_norm(k))
+        if self.backend == "fa3":
+            y = _fa3_func(q, k, v, causal=True)
+            y = y[0] if isinstance(y, tuple) else y
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=self.kv != self.h).transpose(1, 2)
+        if self.xsa:
+            vn = F.normalize(v, dim=-1).unsqueeze(3)  # [B, T, KV, 1, D]
+            yg = y.reshape(B, T, self.kv, self.h // self.kv, self.hd)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, self.h, self.hd)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """down(leaky_relu(up(x), slope)^2)."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.up = nn.Linear(args.model_dim, args.mlp_mult * args.model_dim, bias=False)
+        self.down = nn.Linear(args.mlp_mult * args.model_dim, args.model_dim, bias=False)
+        self.slope = args.mlp_leaky_slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.leaky_relu(self.up(x), self.slope).square())
+
+
+class Block(nn.Module):
+    """x_in = m0*x + m1*x0;  x = x_in + a*Attn(norm(x_in)*s);  x = x + c*MLP(norm(x)*s),  s = 1/sqrt(i+1)."""
+
+    def __init__(self, args: Hyperparameters, i: int):
+        super().__init__()
+        d = args.model_dim
+        self.attn = Attention(args, xsa=i >= args.num_layers - args.xsa_last_n)
+        self.mlp = MLP(args)
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.ln_scale = 1.0 / math.sqrt(i + 1)
+
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+
+
+class GPT(nn.Module):
+    """Tied embedding + bigram-hash embedding -> RMSNorm -> SmearGate -> U-Net of blocks -> RMSNorm ->
+    softcapped tied logits, plus MTP heads predicting tokens t+2.. t+1+MTP_NUM_HEADS (training only)."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        d, V = args.model_dim, args.vocab_size
+        self.softcap, self.mtp_weight = args.logit_softcap, args.mtp_loss_weight
+        self.tok_emb = nn.Embedding(V, d)
+        self.bigram_buckets = args.bigram_vocab_size - 1  # the last bucket is position 0's
+        self.bigram_embed = nn.Embedding(args.bigram_vocab_size, args.bigram_dim)
+        self.bigram_proj = nn.Linear(args.bigram_dim, d, bias=False)
+        self.bigram_scale = nn.Parameter(torch.tensor(0.05))
+        self.smear_gate = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.num_enc = args.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_enc, args.num_layers - self.num_enc), d))
+        self.ve_layers = args.ve_layer_ids
+        if self.ve_layers:
+            kv_dim = args.num_kv_heads * (d // args.num_heads)
+            self.ve_embed = nn.Embedding(V, args.ve_dim)
+            self.ve_proj = nn.Linear(args.ve_dim, kv_dim, bias=False)
+            self.ve_scale = nn.Parameter(torch.tensor(0.1))
+            self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        self.mtp_heads = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(args.mtp_num_heads))
+        self._init_weights(args)
+
+    @torch.no_grad()
+    def _init_weights(self, args: Hyperparameters):
+        nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
+        nn.init.zeros_(self.bigram_embed.weight)
+        nn.init.zeros_(self.bigram_proj.weight)
+        for b in self.blocks:
+            for lin in (b.attn.q, b.attn.k, b.attn.v, b.mlp.up):
+                nn.init.orthogonal_(lin.weight)
+            nn.init.zeros_(b.attn.proj.weight)
+            nn.init.zeros_(b.mlp.down.weight)
+        if self.ve_layers:
+            nn.init.normal_(self.ve_embed.weight, std=0.01)
+            nn.init.zeros_(self.ve_proj.weight)
+        for head in self.mtp_heads:
+            nn.init.zeros_(head.weight)
+
+    def set_attention_backend(self, backend: str):
+        for b in self.blocks:
+            b.attn.backend = backend
+
+    def bigram_ids(self, idx: Tensor) -> Tensor:
+        """h = (36313*cur XOR 27191*prev) mod (buckets-1); position 0 gets the last bucket."""
+        h = torch.bitwise_xor(36313 * idx[:, 1:], 27191 * idx[:, :-1]) % self.bigram_buckets
+        return torch.cat([torch.full_like(idx[:, :1], self.bigram_buckets), h], dim=1)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """The one forward trunk: token ids [B, T] -> final normalized hidden states [B, T, D]."""
+        x = self.tok_emb(idx) + self.bigram_scale * self.bigram_proj(self.bigram_embed(self.bigram_ids(idx)))
+        x = rms_norm(x)
+        g = torch.sigmoid(self.smear_gate).to(x.dtype)
+        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        x0, skips = x, []
+        ve = self.ve_scale * self.ve_proj(self.ve_embed(idx)) if self.ve_layers else None
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_enc and skips:
+                x = x + self.skip_weights[i - self.num_enc].to(x.dtype) * skips.pop()
+            v = ve * self.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
+            x = block(x, x0, v)
+            if i < self.num_enc:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return softcap(F.linear(h, self.tok_emb.weight.to(h.dtype)), self.softcap).float()
+
+    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Training loss: CE(next token) + MTP_LOSS_WEIGHT * mean_k CE(head k predicts token t+1+k)."""
+        h = self.hidden(idx)
+        V = self.tok_emb.weight.size(0)
+        loss = F.cross_entropy(self.logits(h).view(-1, V), targets.reshape(-1))
+        if self.mtp_heads and self.training and self.mtp_weight > 0:
+            T = idx.size(1)
+            mtp = [F.cross_entropy(softcap(head(h[:, :T - k]), self.softcap).float().reshape(-1, V),
+                                   targets[:, k:].reshape(-1)) for k, head in enumerate(self.mtp_heads, start=1)]
+            loss = loss + self.mtp_weight * torch.stack(mtp).mean()
+        return loss
+
+    @torch.no_grad()
+    def target_stats(self, idx: Tensor, targets: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        """For positions start..T-1: log p(target) and the entropy H (nats) of the network's distribution."""
+        logp = torch.log_softmax(self.logits(self.hidden(idx)[:, start:]), dim=-1)
+        return logp.gather(-1, targets[:, start:].unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def count_params(model: GPT) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.mtp_heads.parameters())
+
+
+# ----------------------------------------------------------------------------- optimizer
+def newton_schulz5(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Orthogonalize a batch of matrices: X0 = G/||G||_F, then X <- aX + (bA + cA^2)X with A = XX^T,
+    (a, b, c) = (3.4445, -4.7750, 2.0315), which drives every singular value towards ~1 (UV^T of G)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+class Muon:
+    """Muon for matrices, in the parallel form: same-shape matrices are stacked and their gradients
+    reduce-scattered, so each rank keeps momentum for and orthogonalizes only its shard; the new weights
+    are all-gathered. Update per matrix: m <- mu*m + g;  u = NS5(g + mu*m) * sqrt(max(1, rows/cols));
+    W <- W*(1 - lr*wd) - lr*u. With one rank this is plain Muon; with W ranks it is the same math."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float, backend_steps: int,
+                 rank: int = 0, world_size: int = 1):
+        self.lr, self.wd, self.steps, self.rank, self.world = lr, weight_decay, backend_steps, rank, world_size
+        groups: dict[tuple, list] = {}
+        for p in params:
+            groups.setdefault(tuple(p.shape), []).append(p)
+        self.groups = list(groups.values())
+        self.momentum = []
+        for ps in self.groups:
+            shard = math.ceil(len(ps) / world_size)
+            self.momentum.append(torch.zeros(shard, *ps[0].shape, device=ps[0].device, dtype=torch.float32))
+        self.shard_grads: list[Tensor] = []
+
+    def _stack(self, ps: list[Tensor], shard: int) -> Tensor:
+        pad = shard * self.world - len(ps)
+        return torch.stack([t.float() for t in ps] + [torch.zeros_like(ps[0], dtype=torch.float32)] * pad)
+
+    def reduce_grads(self) -> Tensor:
+        """Average gradients across ranks, keeping this rank's shard. Returns the shard's squared norm."""
+        self.shard_grads, sq = [], torch.zeros((), device=self.momentum[0].device)
+        for ps, buf in zip(self.groups, self.momentum):
+            full = self._stack([p.grad for p in ps], buf.size(0))
+            if self.world > 1:
+                mine = torch.empty_like(buf)
+                dist.reduce_scatter_tensor(mine, full)
+                mine /= self.world
+            else:
+                mine = full
+            self.shard_grads.append(mine)
+            sq = sq + mine.square().sum()
+        return sq
+
+    @torch.no_grad()
+    def step(self, lr_mul: float, momentum: float, grad_scale: float = 1.0):
+        lr = self.lr * lr_mul
+        for ps, buf, g in zip(self.groups, self.momentum, self.shard_grads):
+            g = g * grad_scale
+            buf.mul_(momentum).add_(g)
+            u = newton_schulz5(g.add(buf, alpha=momentum), self.steps).float()
+            u *= max(1.0, ps[0].size(0) / ps[0].size(1)) ** 0.5
+            lo = self.rank * buf.size(0)
+            weights = self._stack([p.data for p in ps], buf.size(0))[lo:lo + buf.size(0)]
+            new = weights * (1 - lr * self.wd) - lr * u
+            if self.world > 1:
+                full = torch.empty(buf.size(0) * self.world, *new.shape[1:], device=new.device, dtype=new.dtype)
+                dist.all_gather_into_tensor(full, new.contiguous())
+                new = full
+            for i, p in enumerate(ps):
+                p.data.copy_(new[i])
+
+
+def split_params(model: GPT) -> tuple[list, list, list]:
+    """Muon: every Linear weight. AdamW: embeddings (TIED_EMBED_LR) and scalar/control tensors (SCALAR_LR)."""
+    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    taken = {id(p) for p in matrices + embeddings}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+    return matrices, embeddings, scalars
+
+
+class Optimizers:
+    """Muon + AdamW with the record's schedule hooks, global grad-norm clipping and gradient averaging."""
+
+    def __init__(self, model: GPT, args: Hyperparameters, rank: int, world_size: int):
+        matrices, embeddings, scalars = split_params(model)
+        self.args, self.world = args, world_size
+        self.muon = Muon(matrices, args.matrix_lr, args.muon_wd, args.muon_backend_steps, rank, world_size)
+        fused = {"fused": True} if matrices[0].is_cuda else {}
+        self.adam = torch.optim.AdamW(
+            [{"params": embeddings, "lr": args.tied_embed_lr, "base_lr": args.tied_embed_lr},
+             {"params": scalars, "lr": args.scalar_lr, "base_lr": args.scalar_lr}],
+            betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.adam_wd, **fused)
+        self.adam_params = embeddings + scalars
+        self.params = list(model.parameters())
+        for p in self.params:  # dense zero grads from the start: every rank reduces the same tensors
+            p.grad = torch.zeros_like(p)
+
+    def step(self, step: int, lr_mul: float):
+        a = self.args
+        grads = [p.grad for p in self.adam_params]
+        if self.world > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        sq = self.muon.reduce_grads()
+        if self.world > 1:
+            dist.all_reduce(sq)
+        sq = sq + sum(g.float().square().sum() for g in grads)
+        scale = 1.0
+        if a.grad_clip_norm > 0:
+            norm = float(sq.sqrt())
+            scale = min(1.0, a.grad_clip_norm / (norm + 1e-6))
+            for g in grads:
+                g.mul_(scale)
+        frac = min(step / a.muon_momentum_warmup_steps, 1.0) if a.muon_momentum_warmup_steps else 1.0
+        momentum = (1 - frac) * a.muon_momentum_warmup_start + frac * a.muon_momentum
+        self.muon.step(lr_mul, momentum, scale)
+        for group in self.adam.param_groups:
+            group["lr"] = group["base_lr"] * lr_mul
+        self.adam.step()
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad.zero_()
+
+
+# ----------------------------------------------------------------------------- training
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: stop, keep the log, write nothing half-done."""
+
+
+class TrainingDiverged(Exception):
+    """The training loss became NaN/inf: no artifact is written from a broken model."""
+
+
+class Logger:
+    """Rank 0 prints and appends to logs/<RUN_ID>.txt, flushed line by line; other ranks stay quiet."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", buffering=1)
+
+    def __call__(self, msg: str):
+        if self.file is None:
+            return
+        print(msg, flush=True)
+        self.file.write(msg + "\n")
+        self.file.flush()
+
+
+class Progress:
+    """Prints `progress phase:... done/total rate eta` at most every `every` seconds (never floods)."""
+
+    def __init__(self, log, phase: str, total: int, unit: str, every: float = 30.0):
+        self.log, self.phase, self.total, self.unit, self.every = log, phase, total, unit, every
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done: int):
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        self.log(f"progress phase:{self.phase} {self.unit}:{done}/{self.total} rate:{rate:.1f}/s eta:{eta:.0f}s")
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def make_stats_fn(model: GPT, args: Hyperparameters):
+    return torch.compile(model.target_stats) if args.compile else model.target_stats
+
+
+def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """1, then linear warmdown to 0 over the last WARMDOWN_ITERS steps: by step count against ITERATIONS,
+    and by wallclock (WARMDOWN_ITERS * mean step time before MAX_WALLCLOCK_SECONDS); the smaller wins."""
+    if args.warmdown_iters <= 0:
+        return 1.0
+    mul = min(max((args.iterations - step) / args.warmdown_iters, 0.0), 1.0)
+    if args.max_wallclock_seconds > 0 and step > 0:
+        warmdown_ms = args.warmdown_iters * elapsed_ms / step
+        remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+        mul = min(mul, remaining_ms / max(warmdown_ms, 1e-9))
+    return mul
+
+
+def eval_val(stats_fn, tokens: Tensor, luts, seq_len: int, batch_tokens: int, ctx) -> tuple[float, float]:
+    """Loss and BPB on non-overlapping seq_len windows of the stream (sharded across ranks, summed)."""
+    n_seqs = (tokens.numel() - 1) // seq_len
+    lo, hi = n_seqs * ctx.rank // ctx.world, n_seqs * (ctx.rank + 1) // ctx.world
+    per_batch = max(batch_tokens // (seq_len * ctx.world), 1)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # nll, tokens, bytes
+    with torch.no_grad():
+        for s in range(lo, hi, per_batch):
+            e = min(s + per_batch, hi)
+            chunk = tokens[s * seq_len:e * seq_len + 1].to(ctx.device, torch.int64)
+            x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+            with autocast(ctx.device):
+                logp, _ = stats_fn(x, y, 0)
+            sums += torch.stack([-logp.double().sum(), torch.tensor(y.numel(), device=ctx.device, dtype=torch.float64),
+                                 target_bytes(x, y, luts).double().sum()])
+    if ctx.world > 1:
+        dist.all_reduce(sums)
+    loss = (sums[0] / sums[1]).item()
+    return loss, (sums[0] / math.log(2) / sums[2]).item()
+
+
+def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log) -> int:
+    """The training loop. Returns the number of steps taken; leaves the EMA weights in `model`."""
+    grad_accum = 8 // ctx.world
+    train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
+    compiled = torch.compile(model) if args.compile else model
+    stats_fn = make_stats_fn(model, args)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def one_step(opt, loader, step, lr_mul) -> float:
+        loss_sum = torch.zeros((), device=ctx.device)
+        for _ in range(grad_accum):
+            x, y = loader.next_batch(args.train_batch_tokens, args.train_seq_len, grad_accum)
+            with autocast(ctx.device):
+                loss = compiled(x, y)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach() / grad_accum
+        if ctx.world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= ctx.world
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):  # stop before the broken gradients touch the weights
+            raise TrainingDiverged(f"train_loss is {loss_value} at step {step + 1}")
+        opt.step(step, lr_mul)
+        opt.zero_grad()
+        return loss_value
+
+    if args.warmup_steps:  # compile and warm the kernels, then reset weights, optimizer and data
+        opt, loader = Optimizers(model, args, ctx.rank, ctx.world), DistributedTokenLoader(train_pattern, ctx.rank, ctx.world, ctx.device)
+        for ws in range(args.warmup_steps):
+            one_step(opt, loader, ws, 1.0)
+            if ws + 1 == args.warmup_steps or (ws + 1) % 10 == 0:
+                log(f"warmup_step:{ws + 1}/{args.warmup_steps}")
+        model.load_state_dict(initial)
+    opt = Optimizers(model, args, ctx.rank, ctx.world)
+    loader = DistributedTokenLoader(train_pattern, ctx.rank, ctx.world, ctx.device)
+    ema = [p.detach().float().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    train_ms, step, stop_after, last_loss = 0.0, 0, None, float("nan")
+    cap_ms = 1000 * args.max_wallclock_seconds
+    progress = Progress(log, "train", args.iterations, "steps", every=60.0)
+    ctx.sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == args.iterations or (stop_after is not None and step >= stop_after)
+        if last or (args.val_loss_every and step % args.val_loss_every == 0):
+            ctx.sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            val_loss, val_bpb = eval_val(stats_fn, val_tokens, luts, args.train_seq_len, args.val_batch_size, ctx)
+            log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            ctx.sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        try:
+            last_loss = one_step(opt, loader, step, lr_multiplier(args, step, elapsed))
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e}; last good step {step} train_loss:{last_loss:.4f}") from None
+        torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - args.ema_decay)
+        step += 1
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        if step <= 10 or step % args.train_log_every == 0:
+            log(f"step:{step}/{args.iterations} train_loss:{last_loss:.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms")
+        progress.update(step)
+        if cap_ms > 0 and stop_after is None:
+            hit = torch.tensor(float(elapsed >= cap_ms), device=ctx.device)
+            if ctx.world > 1:
+                dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+            if hit.item():
+                stop_after = step
+                log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{args.iterations}")
+    if ctx.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e.to(p.dtype))
+    log(f"ema:applied decay:{args.ema_decay}")
+    return step
+
+
+# ----------------------------------------------------------------------------- export
+ARTIFACT_FORMAT = "pgolf-int6-lzma-v1"
+LIMIT_BYTES = 16_000_000
+INT6_SUFFIXES = (".attn.q.weight", ".attn.k.weight", ".attn.v.weight", ".attn.proj.weight",
+                 ".mlp.up.weight", ".mlp.down.weight")
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+SMALL_TENSOR = 65_536
+ARCH_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
+             "ROPE_DIMS", "ROPE_BASE", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "XSA_LAST_N", "VE_DIM",
+             "VE_LAYERS")
+
+
+def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric quantization q = clamp(round(w/s), -qmax, qmax), s = clip/qmax (fp16), with the
+    row's clip chosen among |w| quantiles CLIP_QUANTILES by least squared reconstruction error."""
+    w = w.float()
+    best_q, best_s, best_err = None, None, None
+    for qt in CLIP_QUANTILES:
+        clip = w.abs().amax(1) if qt == 1.0 else torch.quantile(w.abs(), qt, dim=1)
+        s = (clip / qmax).clamp_min(1e-10).half()
+        q = torch.clamp(torch.round(w / s.float()[:, None]), -qmax, qmax)
+        err = (q * s.float()[:, None] - w).square().sum(1)
+        if best_err is None:
+            best_q, best_s, best_err = q, s, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better[:, None], q, best_q)
+            best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
+    return best_q.to(torch.int8), best_s
+
+
+def dequantize_rows(q: Tensor, s: Tensor) -> Tensor:
+    return q.float() * s.float()[:, None]
+
+
+def quantize_state(model: GPT) -> dict:
+    """MTP heads dropped; attention/MLP matrices int6 per row; other big matrices int8 per row; tensors of
+    <= SMALL_TENSOR elements kept float (fp16 for matrices, fp32 for control vectors and scalars)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("mtp_heads."):
+            continue
+        t = t.detach().cpu()
+        if name.endswith(INT6_SUFFIXES):
+            q, s = quantize_rows(t, 31)
+            out[name] = {"kind": "int6", "q": q, "scale": s}
+        elif t.ndim == 2 and t.numel() > SMALL_TENSOR:
+            q, s = quantize_rows(t, 127)
+            out[name] = {"kind": "int8", "q": q, "scale": s}
+        else:
+            out[name] = {"kind": "float", "value": t.half() if t.ndim == 2 else t.float()}
+    return out
+
+
+def dequantize_state(qstate: dict) -> dict:
+    return {name: dequantize_rows(e["q"], e["scale"]) if e["kind"] in ("int6", "int8") else e["value"].float()
+            for name, e in qstate.items()}
+
+
+def serialize_artifact(model: GPT, args: Hyperparameters) -> bytes:
+    buf = io.BytesIO()
+    meta = {"arch": {k: args.as_dict()[k] for k in ARCH_KEYS}, "config_hash": args.config_hash()}
+    torch.save({"format": ARTIFACT_FORMAT, "meta": meta, "tensors": quantize_state(model)}, buf)
+    return lzma.compress(buf.getvalue(), preset=9)
+
+
+def load_artifact(path: str) -> tuple[dict, dict]:
+    """(meta, float state dict) from an artifact file; every way it can be wrong is a UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"artifact {path} not found; set ARTIFACT to a .ptz written by a training run")
+    try:
+        blob = torch.load(io.BytesIO(lzma.decompress(p.read_bytes())), map_location="cpu", weights_only=True)
+    except (lzma.LZMAError, EOFError, RuntimeError, ValueError, KeyError, OSError) as e:
+        raise UserError(f"artifact {path} is truncated or corrupt ({type(e).__name__}); re-export it from a training run") from None
+    if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
+        raise UserError(f"artifact {path} is not a {ARTIFACT_FORMAT} artifact; re-export it with this train_gpt.py")
+    return blob["meta"], dequantize_state(blob["tensors"])
+
+
+def adopt_artifact_arch(args: Hyperparameters, meta: dict, path: str):
+    """EVAL_ONLY builds the artifact's architecture; an explicitly set env var that contradicts it is an error."""
+    clash = [f"{k}={getattr(args, k.lower())!r} (artifact: {v!r})" for k, v in meta["arch"].items()
+             if k in args.explicit and getattr(args, k.lower()) != v]
+    if clash:
+        raise UserError(f"artifact {path} is from a different config: {', '.join(clash)}; unset or match these")
+    for k, v in meta["arch"].items():
+        setattr(args, k.lower(), v)
+
+
+def build_eval_model(args: Hyperparameters, state: dict, path: str, device) -> GPT:
+    """The artifact's weights in a fresh model without MTP heads (they are not part of the artifact)."""
+    eval_args = Hyperparameters.__new__(Hyperparameters)
+    eval_args.__dict__.update(args.__dict__, mtp_num_heads=0)
+    model = GPT(eval_args)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"artifact {path} does not fit this model ({first[:200]}); use the training run's settings") from None
+    return model.to(device)
+
+
+def code_files(args: Hyperparameters) -> list[str]:
+    """Every code file the evaluation imports: counted in the submission size."""
+    return ["train_gpt.py"] + (["backoff_mixer.py"] if args.use_ngram_mixer else []) + (["kg_data.py"] if args.kg_init else [])
+
+
+def code_bytes(args: Hyperparameters) -> tuple[int, str]:
+    sizes = {f: (ROOT / f).stat().st_size for f in code_files(args)}
+    return sum(sizes.values()), ",".join(f"{f}={n}" for f, n in sizes.items())
+
+
+# ----------------------------------------------------------------------------- evaluation
+def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[int]:
+    """Window starts. Window 0 scores targets [0, L); window k >= 1 starts at k*stride and scores its last
+    `stride` targets [L + (k-1)*stride, L + k*stride). Together they score each of the n targets once."""
+    return [0] + [ws for ws in range(stride, max(n_targets - seq_len + stride, stride), stride)]
+
+
+def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log) -> tuple[Tensor, Tensor]:
+    """Neural pass: per target position of the stream, log p(y) and the entropy H, from windows of
+    EVAL_SEQ_LEN every EVAL_STRIDE (batches of EVAL_BATCH_SEQS), windows sharded across ranks, gathered."""
+    L, S, N = args.eval_seq_len, args.eval_stride, tokens.numel() - 1
+    starts = sliding_windows(N, L, S)
+    mine = starts[len(starts) * ctx.rank // ctx.world: len(starts) * (ctx.rank + 1) // ctx.world]
+    first = mine[0] if mine else N
+    lo = 0 if first == 0 else min(first + L - S, N)
+    hi = min(mine[-1] + L, N) if mine else N
+    padded = torch.cat([tokens.to(ctx.device, torch.int64), torch.zeros(L, dtype=torch.int64, device=ctx.device)])
+    out = torch.zeros(2, max(hi - lo, 0), dtype=torch.float32, device=ctx.device)
+    progress = Progress(log, "sliding_eval", len(mine), "windows")
+    offsets = torch.arange(L, device=ctx.device)
+    for i in range(0, len(mine), args.eval_batch_seqs):
+        ws = torch.tensor(mine[i:i + args.eval_batch_seqs], device=ctx.device)
+        idx = ws[:, None] + offsets[None]
+        start = 0 if mine[i] == 0 else L - S
+        with torch.no_grad(), autocast(ctx.device):
+            logp, ent = stats_fn(padded[idx], padded[idx + 1], start)
+        pos = idx[:, start:]
+        keep = (pos < N) & ((pos - ws[:, None] >= L - S) | (ws[:, None] == 0))
+        out[0, pos[keep] - lo], out[1, pos[keep] - lo] = logp.float()[keep], ent.float()[keep]
+        progress.update(i + len(ws))
+    if ctx.world > 1:
+        sizes = [len(starts) * r // ctx.world for r in range(ctx.world + 1)]
+        bounds = [(0 if starts[a] == 0 else min(starts[a] + L - S, N), min(starts[b - 1] + L, N)) if b > a else (N, N)
+                  for a, b in zip(sizes[:-1], sizes[1:])]
+        width = max(b - a for a, b in bounds)
+        buf = torch.zeros(ctx.world, 2, width, device=ctx.device)
+        mine_buf = torch.zeros(2, width, device=ctx.device)
+        mine_buf[:, :out.size(1)] = out
+        dist.all_gather_into_tensor(buf, mine_buf)
+        out = torch.cat([buf[r, :, :b - a] for r, (a, b) in enumerate(bounds)], dim=1)
+    return out[0].cpu(), out[1].cpu()
+
+
+def mix_stream(tokens: Tensor, logp: Tensor, ent: Tensor, nbytes: Tensor, args: Hyperparameters, device, log) -> Tensor:
+    """The n-gram pass over the stream in evaluation order: each batch of targets is scored with the mixer
+    first (counts from earlier batches only), then its tokens are added to the counts."""
+    from backoff_mixer import BackoffNgramMixer
+    mixer = BackoffNgramMixer(vocab_size=args.vocab_size, max_order=args.ngram_order, min_count=args.ngram_min_count,
+                              alpha_base=args.alpha_base, alpha_range=args.alpha_range, alpha_center=args.alpha_center,
+                              device=str(device), rule=args.ngram_rule)
+    N, tok = logp.numel(), tokens.to(torch.int64)
+    bounds = [0] + list(range(min(args.eval_seq_len, N), N, args.eval_batch_seqs * args.eval_stride)) + [N]
+    nll, history = torch.empty(N, dtype=torch.float64), 0
+    progress, t0, next_report = Progress(log, "mixer", N, "tokens"), time.perf_counter(), 0
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        if e <= a:
+            continue
+        ctx_len = min(a, args.ngram_order - 1)
+        x = tok[a - ctx_len:e].to(device)[None]
+        nll[a:e] = mixer.score_from_net(logp[a:e].to(device)[None], ent[a:e].to(device)[None], x,
+                                        tok[a + 1:e + 1].to(device)[None])[0].double().cpu()
+        mixer.update(tok[history:e + 1].to(device))
+        history = e + 1
+        progress.update(e)
+        if e >= next_report or e == N:
+            next_report = e + max(N // 20, 1)
+            log(f"mixer_progress tokens:{e}/{N} running_bpb:{nll[:e].sum().item() / math.log(2) / max(nbytes[:e].sum().item(), 1):.4f} "
+                f"elapsed:{time.perf_counter() - t0:.1f}s")
+    return nll
+
+
+def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts, ctx, log):
+    """Round trip (non-overlapping windows) and sliding-window scoring of an artifact, mixer included."""
+    t0 = time.perf_counter()
+    meta, state = load_artifact(path)
+    model = build_eval_model(args, state, path, ctx.device)
+    stats_fn = make_stats_fn(model, args)
+    loss, bpb = eval_val(stats_fn, val_tokens, luts, args.eval_seq_len, args.val_batch_size, ctx)
+    log(f"final_int6_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    t1 = time.perf_counter()
+    logp, ent = eval_sliding(stats_fn, val_tokens, args, ctx, log)
+    if ctx.rank == 0:
+        nbytes = target_bytes(val_tokens[:-1].long(), val_tokens[1:].long(), luts).double()
+        total_bytes = nbytes.sum().item()
+        nll_neural = -logp.double()
+        log(f"final_int6_sliding_window_neural_exact val_loss:{nll_neural.mean().item():.8f} "
+            f"val_bpb:{nll_neural.sum().item() / math.log(2) / total_bytes:.8f}")
+        nll = mix_stream(val_tokens, logp, ent, nbytes, args, ctx.device, log) if args.use_ngram_mixer else nll_neural
+        log(f"final_int6_sliding_window_exact val_loss:{nll.mean().item():.8f} "
+            f"val_bpb:{nll.sum().item() / math.log(2) / total_bytes:.8f} eval_time:{1000 * (time.perf_counter() - t1):.0f}ms")
+        if args.eval_dump:
+            buf = io.BytesIO()
+            np.savez(buf, nll=nll.numpy(), nll_neural=nll_neural.numpy(), bytes=nbytes.numpy())
+            write_atomic(args.eval_dump, buf.getvalue())
+            log(f"eval_dump:{args.eval_dump} positions:{nll.numel()}")
+    ctx.sync()
+
+
+# ----------------------------------------------------------------------------- main
+class DistContext:
+    """rank / world / device, from torchrun's env (or a single process)."""
+
+    def __init__(self, args: Hyperparameters):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if 8 % self.world:
+            raise UserError(f"WORLD_SIZE={self.world} must divide 8 (grad accumulation is 8/world); use 1, 2, 4 or 8 ranks")
+        per_step = self.world * (8 // self.world) * args.train_seq_len
+        if args.train_batch_tokens % per_step:
+            raise UserError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by world_size*grad_accum*"
+                            f"TRAIN_SEQ_LEN={per_step}; use a multiple of {per_step}")
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.backend = "none"
+        if self.world > 1:
+            self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=args.collective_timeout_seconds))
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if self.world > 1:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run(args: Hyperparameters, ctx: DistContext, log_box: list):
+    run_id = ctx.broadcast(args.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}")
+    log_path = Path("logs") / f"{run_id}.txt"
+    if ctx.rank == 0 and log_path.exists():
+        raise UserError(f"{log_path} already exists; choose a new RUN_ID (logs are never overwritten)")
+    log = Logger(log_path if ctx.rank == 0 else None)
+    log_box.append(log)
+    t_start = time.perf_counter()
+    attention = attention_backend(ctx.device)
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "none"
+    log(f"run_id:{run_id}")
+    log(f"preset:{args.preset} device:{ctx.device.type} world_size:{ctx.world} backend:{ctx.backend} "
+        f"attention:{attention} compile:{args.compile} gpu:{gpu}")
+    sample = resolve_data(args, log)
+    val_pattern = os.path.join(args.data_path, "fineweb_val_*.bin")
+    val_tokens = load_validation_tokens(val_pattern, max(args.eval_seq_len, args.train_seq_len) + 1)
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts = build_byte_luts(sp, args.vocab_size)
+    if not args.eval_only:
+        list_shards(os.path.join(args.data_path, "fineweb_train_*.bin"))
+    log(f"dataset:{Path(args.data_path).name} sample:{int(sample)} data_path:{args.data_path} "
+        f"tokenizer:{args.tokenizer_path} val_tokens:{val_tokens.numel()}")
+    log(f"seed:{args.seed}")
+    log(f"git_commit:{git_commit()}")
+    log(f"torch:{torch.__version__} python:{sys.version.split()[0]}")
+    if args.eval_only:
+        if not args.artifact:
+            raise UserError("EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
+        adopt_artifact_arch(args, load_artifact(args.artifact)[0], args.artifact)
+    log(f"config_hash:{args.config_hash()}")
+    log(f"hparams:{json.dumps(args.as_dict(), sort_keys=True)}")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if args.eval_only:
+        artifact = args.artifact
+        log(f"eval_only:1 artifact:{artifact}")
+    else:
+        model = GPT(args).to(ctx.device)
+        total, mtp = count_params(model)
+        log(f"model_params:{total}")
+        log(f"mtp_params:{mtp}")
+        if args.kg_init:
+            import kg_data
+            kg_data.kg_embedding_init(model.tok_emb.weight.data, args.kg_init_strength, args.vocab_size)
+            log(f"kg_init:1 strength:{args.kg_init_strength} tokens:{len(kg_data.token_importance())}")
+        model.set_attention_backend(attention)
+        steps = train(args, model, val_tokens, luts, ctx, log)
+        stats_fn = make_stats_fn(model, args)
+        loss, bpb = eval_val(stats_fn, val_tokens, luts, args.train_seq_len, args.val_batch_size, ctx)
+        log(f"post_ema val_loss:{loss:.4f} val_bpb:{bpb:.4f} steps:{steps}")
+        artifact = f"artifacts/{run_id}.ptz"
+        if ctx.rank == 0:
+            blob = serialize_artifact(model, args)
+            write_atomic(artifact, blob)
+            log(f"serialized_model_int6_lzma:{len(blob)} bytes path:{artifact}")
+        ctx.sync()
+    model_bytes = Path(artifact).stat().st_size if ctx.rank == 0 else 0
+    n_code, detail = code_bytes(args)
+    log(f"code_bytes:{n_code} files:{detail}")
+    log(f"Total submission size int6+lzma: {model_bytes + n_code} bytes")
+    if ctx.rank == 0 and model_bytes + n_code > LIMIT_BYTES:
+        log(f"WARNING: submission size {model_bytes + n_code} exceeds the {LIMIT_BYTES}-byte limit: NOT a valid submission")
+    evaluate_artifact(artifact, args, val_tokens, luts, ctx, log)
+    log(f"run_complete total_time:{time.perf_counter() - t_start:.1f}s")
+
+
+def main() -> int:
+    def on_signal(signum, _frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log_box: list = []
+    ctx = None
+    prefix = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+
+    def report(msg: str, code: int) -> int:
+        if log_box:
+            log_box[0](msg)
+        if not log_box or log_box[0].file is None:
+            print(prefix + msg, file=sys.stderr, flush=True)
+        return code
+
+    try:
+        args = Hyperparameters()
+        ctx = DistContext(args)
+        run(args, ctx, log_box)
+        return 0
+    except UserError as e:
+        return report(f"error: {e}", 2)
+    except TrainingDiverged as e:
+        return report(f"error: training diverged: {e}; no artifact written (lower MATRIX_LR or check the data)", 3)
+    except Interrupted as e:
+        return report(f"interrupted: {e}; the log is complete to here and no partial artifact exists "
+                      f"(rerun, or EVAL_ONLY=1 ARTIFACT=... if an artifact was written)", 130)
+    finally:
+        if ctx is not None and ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
