@@ -66,7 +66,7 @@ def plan_downloads(manifest: dict, variant: str, train_shards: int | None) -> li
     prefix = f"{REMOTE_ROOT}/datasets/{name}"
     return ([f"{prefix}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
             + [f"{prefix}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
-            + [f"{REMOTE_ROOT}/{tok['model_path']}"])
+            + [f"{REMOTE_ROOT}/tokenizers/{PurePosixPath(tok['model_path']).name}"])
 
 
 def is_valid(path: Path) -> bool:
@@ -179,7 +179,7 @@ def main() -> None:
         fetched, skipped = fetch(args.variant, args.train_shards, args.data_root.resolve())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)  # train_gpt's exit code for a UserError
     print(f"fineweb10B_{args.variant}: {fetched} files fetched, {skipped} already present, "
           f"in {args.data_root / 'datasets'} and {args.data_root / 'tokenizers'}")
 

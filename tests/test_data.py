@@ -275,7 +275,8 @@ def _manifest(n_train=3, n_val=1) -> dict:
         "tokenizers": [
             {"name": "sp_bpe_512", "model_path": "tokenizers/fineweb_512_bpe.model"},
             {"name": "sp_bpe_1024", "kind": "sentencepiece_bpe", "vocab_size": 1024,
-             "model_path": "tokenizers/fineweb_1024_bpe.model", "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"},
+             "model_path": "/export/root/tokenizers/fineweb_1024_bpe.model",  # may be unrelativized
+             "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"},
         ],
         "datasets": [
             {"name": "fineweb10B_sp512", "tokenizer_name": "sp_bpe_512", "stats": {"files_train": 9, "files_val": 1}},
@@ -359,7 +360,7 @@ def test_fetch_without_network_fails_in_one_line(tmp_path, env):
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, str(FETCHER), "--train-shards", "1", "--data-root", str(tmp_path / "data")],
                          capture_output=True, text=True, env=full_env, timeout=60)
-    assert res.returncode != 0 and res.stdout == ""
+    assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: cannot reach the Hugging Face Hub")
     assert time.perf_counter() - t0 < 20
