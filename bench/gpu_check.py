@@ -1,0 +1,268 @@
+"""One-call GPU check (issue 9): does the full-size record path work, and how fast, on one GPU?
+
+Phases, each in its own try block (a failure is recorded and the others still run):
+  env     nvidia-smi line, torch / CUDA / triton versions, FlashAttention-3 importable or SDPA
+  model   the record-size model's parameter counts (expected 28,042,332, of which 1,048,576 MTP)
+  train   --steps timed training steps at 48x2048 per step, compiled + bf16 (bench_train.py)
+  export  int6+LZMA artifact written, reloaded, sizes, and the loss of both models on one batch
+  eval    sliding-window eval of the reloaded model on a slice: windows/s, full-eval estimate (bench_eval.py)
+  mixer   BackoffNgramMixer over a 62M-token synthetic Zipf stream, chunked as train_gpt.mix_stream
+          (score_from_net then update); stops at the time budget and extrapolates
+Writes gpu_check.json, gpu_check_summary.txt and gpu_check.log to $OUT (or --out, or ./gpu_check_out/).
+
+    bash bench/gpu_check.sh                # on the GPU machine: < 8 minutes on one H100
+    bash bench/gpu_check.sh --cpu-smoke    # tiny sizes on CPU (also GPU_CHECK_CPU_SMOKE=1)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+import train_gpt  # noqa: E402
+from bench_eval import RECORD_EVAL_S, TARGET_S, VAL_TOKENS, random_eval_model, time_sliding  # noqa: E402
+from bench_train import (RECORD_MS_PER_STEP, RECORD_TOKENS_PER_S_PER_GPU, make_args, sync,  # noqa: E402
+                         time_training)
+from train_gpt import (GPT, LIMIT_BYTES, autocast, build_eval_model, code_bytes, count_params,  # noqa: E402
+                       load_artifact, serialize_artifact)
+
+RECORD_PARAMS, RECORD_MTP_PARAMS, RECORD_MODEL_BYTES = 28_042_332, 1_048_576, 15_865_748
+SMOKE_ENV = {"TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "EVAL_BATCH_SEQS": "8",
+             "COMPILE": "0"}
+ROUNDTRIP_TOL = 0.05  # nats: int6 error on the loss of one batch
+
+
+class Check:
+    """Runs phases, keeps their results, logs to the console and to gpu_check.log."""
+
+    def __init__(self, out: Path, budget_s: float, mode: str):
+        self.out, self.budget_s, self.mode, self.t0 = out, budget_s, mode, time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(out / "gpu_check.log", "w", buffering=1)
+        self.results: dict[str, dict] = {}
+        self.date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def log(self, msg: str):
+        line = f"[{time.perf_counter() - self.t0:6.1f}s] {msg}"
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+
+    def remaining(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.t0)
+
+    def phase(self, name: str, fn):
+        self.log(f"== {name}")
+        t = time.perf_counter()
+        try:
+            res = fn()
+        except Exception as e:  # one phase's failure must not hide the others' results
+            self.log(traceback.format_exc().rstrip())
+            res = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+        res["phase_s"] = time.perf_counter() - t
+        self.results[name] = res
+        self.log(f"{name}: " + json.dumps(res, default=str))
+        self.save()
+
+    def failed(self) -> list[str]:
+        return [k for k, v in self.results.items() if "error" in v]
+
+    def save(self):
+        """gpu_check.json after every phase, so a run cut off by its time limit still leaves its results."""
+        report = {"mode": self.mode, "date": self.date, "total_s": time.perf_counter() - self.t0,
+                  "failed": self.failed(), "results": self.results}
+        (self.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+
+
+def phase_env(device: torch.device) -> dict:
+    smi = "no nvidia-smi"
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"nvidia_smi": smi, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+            "python": platform.python_version(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "fa3_importable": train_gpt._fa3_func is not None, "attention": train_gpt.attention_backend(device)}
+
+
+def phase_model(args) -> dict:
+    with torch.device("meta"):
+        total, mtp = count_params(GPT(args))
+    res = {"model_params": total, "mtp_params": mtp}
+    if args.preset == "record":
+        res["matches_spec"] = (total, mtp) == (RECORD_PARAMS, RECORD_MTP_PARAMS)
+    return res
+
+
+def phase_export(args, device, state: dict, seqs: int) -> dict:
+    """Serialize, write, reload; compare the loss of the trained and the reloaded model on one batch."""
+    model = state.get("model") or GPT(args).to(device)
+    t = time.perf_counter()
+    blob = serialize_artifact(model, args)
+    serialize_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "gpu_check.ptz")
+        Path(path).write_bytes(blob)
+        t = time.perf_counter()
+        _, sd = load_artifact(path)
+        eval_model = build_eval_model(args, sd, path, device)
+        load_s = time.perf_counter() - t
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len + 1), generator=gen).to(device)
+    model.eval()
+    eval_model.eval()
+    with torch.no_grad(), autocast(device):
+        before = model(batch[:, :-1], batch[:, 1:]).item()
+        after = eval_model(batch[:, :-1], batch[:, 1:]).item()
+    orig = {k: v.float().cpu() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
+    err = max(((orig[k] - v.cpu()).abs().max() / orig[k].abs().max().clamp_min(1e-12)).item() for k, v in sd.items())
+    state["eval_model"] = eval_model
+    n_code, _ = code_bytes(args)
+    return {"artifact_bytes": len(blob), "code_bytes": n_code, "total_bytes": len(blob) + n_code,
+            "under_limit": len(blob) + n_code <= LIMIT_BYTES, "serialize_s": serialize_s, "load_s": load_s,
+            "loss_before": before, "loss_after": after, "loss_delta": after - before, "max_rel_weight_err": err,
+            "roundtrip_ok": abs(after - before) < ROUNDTRIP_TOL}
+
+
+def phase_mixer(args, device, n_tokens: int, check: Check, cap_s: float) -> dict:
+    """The mixer over a synthetic Zipf stream, chunked as mix_stream, until done or out of time."""
+    from backoff_mixer import BackoffNgramMixer, zipf_stream
+    t = time.perf_counter()
+    stream = torch.from_numpy(zipf_stream(n_tokens, args.vocab_size, seed=0).astype(np.int64)).to(device)
+    gen_s = time.perf_counter() - t
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mixer = BackoffNgramMixer(vocab_size=args.vocab_size, max_order=args.ngram_order, min_count=args.ngram_min_count,
+                              alpha_base=args.alpha_base, alpha_range=args.alpha_range,
+                              alpha_center=args.alpha_center, device=str(device), rule=args.ngram_rule)
+    N, P, chunk = n_tokens - 1, args.ngram_order - 1, args.eval_batch_seqs * args.eval_stride
+    bounds = [0] + list(range(min(args.eval_seq_len, N), N, chunk)) + [N]
+    budget = max(min(cap_s, check.remaining() - 20), 10.0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    nll_sum, done, stopped = torch.zeros((), dtype=torch.float64, device=device), 0, None
+    t0 = time.perf_counter()
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        if time.perf_counter() - t0 > budget:
+            stopped = "time budget"
+            break
+        try:
+            T = e - a
+            x = stream[a - min(a, P):e][None]
+            logp = -4 * torch.rand(1, T, device=device, generator=gen)
+            ent = 6 * torch.rand(1, T, device=device, generator=gen)
+            nll_sum += mixer.score_from_net(logp, ent, x, stream[a + 1:e + 1][None]).double().sum()
+            mixer.update(stream[done:e + 1])
+        except torch.cuda.OutOfMemoryError:
+            stopped = f"CUDA out of memory at token {done:,}"
+            break
+        done = e + 1
+    sync(device)
+    seconds = time.perf_counter() - t0
+    scored = max(done - 1, 0)
+    rate = scored / seconds if seconds > 0 else 0.0
+    return {"stream_tokens": n_tokens, "tokens_scored": scored, "complete": scored == N, "stopped": stopped,
+            "seconds": seconds, "tokens_per_s": rate, "chunk": chunk, "zipf_gen_s": gen_s,
+            "est_full_val_s": (VAL_TOKENS - 1) / rate if rate else None,
+            "mean_nll": nll_sum.item() / max(scored, 1), "table_bytes": mixer.memory_bytes(),
+            "cuda_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def fmt(res: dict, key: str, spec: str = "{:,.1f}") -> str:
+    v = res.get(key)
+    return "n/a" if v is None else spec.format(v)
+
+
+def summary(results: dict, mode: str) -> str:
+    """The one-screen table: phase | measured | record / target."""
+    r = {k: results.get(k, {}) for k in ("env", "model", "train", "export", "eval", "mixer")}
+    rows = [
+        ("env", f"{r['env'].get('gpu') or r['env'].get('device')} | torch {r['env'].get('torch')} "
+                f"triton {r['env'].get('triton')} | attention {r['env'].get('attention')}", r["env"].get("nvidia_smi", "")),
+        ("model", f"{fmt(r['model'], 'model_params', '{:,}')} params, {fmt(r['model'], 'mtp_params', '{:,}')} MTP",
+                  f"{RECORD_PARAMS:,} / {RECORD_MTP_PARAMS:,}"),
+        ("train", f"{fmt(r['train'], 'ms_per_step')} ms/step ({fmt(r['train'], 'seqs', '{}')}x{fmt(r['train'], 'seq_len', '{}')}), "
+                  f"{fmt(r['train'], 'tokens_per_s', '{:,.0f}')} tok/s = {fmt(r['train'], 'ratio_to_record_per_gpu', '{:.3f}')} x rec",
+                  f"{RECORD_MS_PER_STEP} ms/step on 8 GPUs = {RECORD_TOKENS_PER_S_PER_GPU:,.0f} tok/s/GPU"),
+        ("", f"MFU {fmt(r['train'], 'mfu', '{:.1%}')}, peak {fmt(r['train'], 'peak_mem_gib')} GiB, "
+             f"warm-up {fmt(r['train'], 'warmup_s')} s", "record peak ~22 GB/GPU"),
+        ("export", f"artifact {fmt(r['export'], 'artifact_bytes', '{:,}')} B + code {fmt(r['export'], 'code_bytes', '{:,}')} B, "
+                   f"round trip dloss {fmt(r['export'], 'loss_delta', '{:+.4f}')} ok={r['export'].get('roundtrip_ok')}",
+                   f"record model {RECORD_MODEL_BYTES:,} B (trained; 50 steps compress differently)"),
+        ("eval", f"{fmt(r['eval'], 'windows_per_s')} windows/s -> full val {fmt(r['eval'], 'full_eval_s')} s "
+                 f"on {fmt(r['eval'], 'gpus', '{}')} GPUs", f"target {TARGET_S:.0f} s, record ~{RECORD_EVAL_S:.0f} s"),
+        ("mixer", f"{fmt(r['mixer'], 'tokens_scored', '{:,}')}/{fmt(r['mixer'], 'stream_tokens', '{:,}')} tokens in "
+                  f"{fmt(r['mixer'], 'seconds')} s, est full {fmt(r['mixer'], 'est_full_val_s')} s, "
+                  f"table {fmt(r['mixer'], 'table_bytes', '{:,}')} B", f"peak {fmt(r['mixer'], 'cuda_peak_gib')} GiB"),
+    ]
+    lines = [f"GPU CHECK SUMMARY ({mode})", f"{'phase':7}| {'measured':78}| record / target", "-" * 130]
+    for name, measured, ref in rows:
+        err = results.get(name, {}).get("error") if name else None
+        lines.append(f"{name:7}| {('FAILED: ' + err) if err else measured:78}| {ref}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-smoke", action="store_true", default=os.environ.get("GPU_CHECK_CPU_SMOKE") == "1",
+                    help="tiny sizes on CPU, all phases, well under a minute")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps (50; smoke 3)")
+    ap.add_argument("--eval-windows", type=int, default=None, help="timed eval windows (16 batches; smoke 4)")
+    ap.add_argument("--mixer-tokens", type=int, default=None, help=f"Zipf stream length ({VAL_TOKENS:,}; smoke 20,000)")
+    ap.add_argument("--mixer-seconds", type=float, default=150.0, help="cap on the mixer's time")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole check; the mixer gets what is left")
+    a = ap.parse_args(argv)
+    smoke = a.cpu_smoke
+    device = torch.device("cpu") if smoke or not torch.cuda.is_available() else torch.device("cuda")
+    mode = "CPU smoke" if smoke else f"full size on {device.type}"
+    args = make_args("cpu" if smoke else "record", device, SMOKE_ENV if smoke else None)
+    seqs = 4 if smoke else None
+    check = Check(Path(a.out), a.budget, mode)
+    check.log(f"gpu_check: {mode}, out {a.out}, budget {a.budget:.0f} s")
+    state: dict = {}
+
+    def train():
+        res, state["model"] = time_training(args, device, a.steps or (3 if smoke else 50), 1 if smoke else 5,
+                                            seqs, log=check.log)
+        return res
+
+    check.phase("env", lambda: phase_env(device))
+    check.phase("model", lambda: phase_model(args))
+    check.phase("train", train)
+    check.phase("export", lambda: phase_export(args, device, state, seqs or 8))
+    check.phase("eval", lambda: time_sliding(state.get("eval_model") or random_eval_model(args, device), args, device,
+                                             a.eval_windows or (4 if smoke else 16) * args.eval_batch_seqs, log=check.log))
+    state.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    check.phase("mixer", lambda: phase_mixer(args, device, a.mixer_tokens or (20_000 if smoke else VAL_TOKENS),
+                                             check, a.mixer_seconds))
+    table = summary(check.results, mode)
+    (check.out / "gpu_check_summary.txt").write_text(table + "\n")
+    check.log(f"done in {time.perf_counter() - check.t0:.1f} s; failed phases: {check.failed() or 'none'}")
+    print(table, flush=True)
+    return 1 if check.failed() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
