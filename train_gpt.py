@@ -143,15 +143,15 @@ class Hyperparameters:
 
     @staticmethod
     def _parse(name, raw, kind):
+        if kind is str:
+            return raw
         try:
-            if kind is int:
-                value = float(raw.strip())
-                if value != int(value):
-                    raise ValueError
-                return int(value)
-            return float(raw) if kind is float else raw
+            value = float(raw.strip())
+            if not math.isfinite(value) or (kind is int and value != int(value)):
+                raise ValueError
+            return int(value) if kind is int else value
         except ValueError:
-            raise UserError(f"{name}={raw!r} is not a valid {kind.__name__}; set {name} to a number") from None
+            raise UserError(f"{name}={raw!r} is not a valid {kind.__name__}; set {name} to a finite number") from None
 
     def _validate(self):
         for name, _, _ in HPARAMS:
@@ -202,8 +202,8 @@ class Hyperparameters:
 # ----------------------------------------------------------------------------- data
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
-SAMPLE_DATA_PATH = "./data/datasets/sample_sp1024"
-SAMPLE_TOKENIZER_PATH = "./data/tokenizers/sample_1024_bpe.model"
+SAMPLE_DATA_PATH = str(ROOT / "data" / "datasets" / "sample_sp1024")
+SAMPLE_TOKENIZER_PATH = str(ROOT / "data" / "tokenizers" / "sample_1024_bpe.model")
 
 
 def write_atomic(path, data: bytes) -> None:
@@ -237,11 +237,12 @@ def read_shard_header(path) -> int:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            raw = f.read(HEADER_BYTES)
     except OSError as e:
         raise UserError(f"cannot read shard {path}: {e.strerror}") from None
-    if header.size < HEADER_INTS:
+    if len(raw) < HEADER_BYTES:
         raise UserError(f"shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header; re-download or rebuild it")
+    header = np.frombuffer(raw, dtype="<i4")
     if header[0] != SHARD_MAGIC:
         raise UserError(f"shard {path} has magic {header[0]}, expected {SHARD_MAGIC}: not a competition shard")
     if header[1] != SHARD_VERSION:
@@ -366,7 +367,8 @@ def resolve_data(args: Hyperparameters, log) -> bool:
         return False
     if not Path(SAMPLE_DATA_PATH).is_dir() or not Path(SAMPLE_TOKENIZER_PATH).is_file():
         log(f"data: FineWeb not found at {args.data_path}; building the sample dataset (data/build_sample_dataset.py)")
-        subprocess.run([sys.executable, str(ROOT / "data" / "build_sample_dataset.py")], check=True)
+        if subprocess.run([sys.executable, str(ROOT / "data" / "build_sample_dataset.py")]).returncode:
+            raise UserError("building the sample dataset failed (see above); run python data/build_sample_dataset.py")
     args.data_path = SAMPLE_DATA_PATH
     if "TOKENIZER_PATH" not in args.explicit:
         args.tokenizer_path = SAMPLE_TOKENIZER_PATH
@@ -1035,10 +1037,11 @@ def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log) -> t
         bounds = [(0 if starts[a] == 0 else min(starts[a] + L - S, N), min(starts[b - 1] + L, N)) if b > a else (N, N)
                   for a, b in zip(sizes[:-1], sizes[1:])]
         width = max(b - a for a, b in bounds)
-        buf = torch.zeros(ctx.world, 2, width, device=ctx.device)
         mine_buf = torch.zeros(2, width, device=ctx.device)
         mine_buf[:, :out.size(1)] = out
-        dist.all_gather_into_tensor(buf, mine_buf)
+        buf = torch.zeros(ctx.world * 2 * width, device=ctx.device)
+        dist.all_gather_into_tensor(buf, mine_buf.flatten())
+        buf = buf.view(ctx.world, 2, width)
         out = torch.cat([buf[r, :, :b - a] for r, (a, b) in enumerate(bounds)], dim=1)
     return out[0].cpu(), out[1].cpu()
 
@@ -1188,8 +1191,11 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
         log(f"model_params:{total}")
         log(f"mtp_params:{mtp}")
         if args.kg_init:
-            import kg_data
-            kg_data.kg_embedding_init(model.tok_emb.weight.data, args.kg_init_strength, args.vocab_size)
+            try:
+                import kg_data
+                kg_data.kg_embedding_init(model.tok_emb.weight.data, args.kg_init_strength, args.vocab_size)
+            except (ImportError, ValueError) as e:
+                raise UserError(f"KG_INIT=1 cannot use kg_data.py: {e}") from None
             log(f"kg_init:1 strength:{args.kg_init_strength} tokens:{len(kg_data.token_importance())}")
         model.set_attention_backend(attention)
         steps = train(args, model, val_tokens, luts, ctx, log)
