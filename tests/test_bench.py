@@ -1,0 +1,115 @@
+"""Tests for bench/: the GPU check in CPU smoke mode, and the training and eval benchmarks at tiny sizes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_ENV
+import train_gpt
+
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+import bench_eval  # noqa: E402
+import bench_train  # noqa: E402
+import gpu_check  # noqa: E402
+
+PHASES = ["env", "model", "train", "export", "eval", "mixer"]
+
+
+def clean_env(**extra) -> dict:
+    """The environment without any train_gpt.py setting, one thread, plus extra."""
+    env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in train_gpt.HPARAMS} | {"OUT"}}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(cmd, env, timeout=60):
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    p = run(["bash", str(BENCH / "gpu_check.sh"), "--cpu-smoke"], clean_env(OUT=tmp_path))
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    summary = (tmp_path / "gpu_check_summary.txt").read_text()
+    assert (tmp_path / "gpu_check.log").is_file()
+    assert report["mode"] == "CPU smoke" and report["failed"] == []
+    assert list(report["results"]) == PHASES
+    assert summary.splitlines()[0] == "GPU CHECK SUMMARY (CPU smoke)" and summary.strip() in p.stdout
+    for phase in PHASES:
+        assert any(line.startswith(phase) for line in summary.splitlines()), phase
+    r = report["results"]
+    assert r["env"]["torch"] == torch.__version__ and r["env"]["attention"] == "sdpa"
+    assert r["model"]["model_params"] == r["train"]["model_params"] > r["model"]["mtp_params"] > 0
+    t = r["train"]
+    assert t["steps"] == 3 and t["seqs"] == 4 and t["seq_len"] == 128 and math.isfinite(t["final_loss"])
+    assert t["ms_per_step"] > 0 and t["tokens_per_s"] == pytest.approx(4 * 128 / (t["ms_per_step"] / 1000))
+    assert t["mfu"] is None and t["peak_mem_gib"] is None  # CUDA only
+    e = r["export"]
+    assert e["roundtrip_ok"] and e["artifact_bytes"] > 0 and e["total_bytes"] == e["artifact_bytes"] + e["code_bytes"]
+    assert 0 < e["max_rel_weight_err"] < 0.1
+    v = r["eval"]
+    assert v["windows"] == 32 and v["windows_per_s"] > 0
+    assert v["val_windows"] == math.ceil((bench_eval.VAL_TOKENS - 1 - 128) / 32) + 1
+    assert v["full_eval_s"] == pytest.approx(v["windows_per_rank"] / v["windows_per_s"])
+    m = r["mixer"]
+    assert m["complete"] and m["tokens_scored"] == m["stream_tokens"] - 1 == 19_999
+    assert 0 < m["mean_nll"] < math.log(1024) and m["table_bytes"] > 0 and m["tokens_per_s"] > 0
+
+
+def test_gpu_check_reports_the_other_phases_when_one_fails(tmp_path, monkeypatch):
+    def broken(*_):
+        raise RuntimeError("export exploded")
+
+    monkeypatch.setattr(gpu_check, "phase_export", broken)
+    for name, _, _ in train_gpt.HPARAMS:
+        monkeypatch.delenv(name, raising=False)
+    rc = gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--steps", "1", "--mixer-tokens", "3000"])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 1 and report["failed"] == ["export"]
+    assert report["results"]["export"]["error"] == "RuntimeError: export exploded"
+    assert report["results"]["eval"]["windows_per_s"] > 0 and report["results"]["mixer"]["complete"]
+    assert "FAILED: RuntimeError: export exploded" in (tmp_path / "gpu_check_summary.txt").read_text()
+
+
+def test_bench_train_tiny(tmp_path):
+    out = tmp_path / "train.json"
+    p = run([sys.executable, str(BENCH / "bench_train.py"), "--preset", "cpu", "--steps", "2", "--seqs", "2",
+             "--json", out], clean_env(**TINY_ENV))
+    res = json.loads(out.read_text())
+    assert res["steps"] == 2 and res["seqs"] == 2 and res["seq_len"] == 64 and res["compile"] == 0
+    assert res["tokens_per_s"] > 0 and res["ms_per_step"] > 0 and math.isfinite(res["final_loss"])
+    assert res["ratio_to_record_per_gpu"] == pytest.approx(res["tokens_per_s"] / bench_train.RECORD_TOKENS_PER_S_PER_GPU)
+    assert res["flops_per_token"] == 6 * res["matmul_params"] + 12 * 2 * 64 * 64
+    assert "tokens/s" in p.stdout and "x record per GPU" in p.stdout
+
+
+def test_record_figures_and_flops_formula():
+    args = train_gpt.Hyperparameters(env={}, preset="record")
+    with torch.device("meta"):
+        model = train_gpt.GPT(args)
+    # every parameter but the token/bigram/value embedding tables, plus the tied head (V*d)
+    assert bench_train.matmul_params(model) == 28_042_332 - 524_288 - 262_144 - 131_072 + 524_288
+    assert bench_train.flops_per_token(model, args) == 6 * 27_649_116 + 12 * 11 * 2048 * 512
+    assert bench_train.RECORD_TOKENS_PER_S_PER_GPU == pytest.approx(1.15e6, rel=0.001)
+    assert bench_eval.full_val_windows(args) == math.ceil((62_021_632 - 2048) / 64) + 1
+
+
+def test_bench_eval_tiny(tmp_path):
+    out = tmp_path / "eval.json"
+    p = run([sys.executable, str(BENCH / "bench_eval.py"), "--preset", "cpu", "--windows", "16", "--json", out],
+            clean_env(**TINY_ENV))
+    res = json.loads(out.read_text())
+    assert res["windows"] == 16 and res["windows_per_s"] > 0 and res["gpus"] == 8
+    assert res["windows_per_rank"] == math.ceil(res["val_windows"] / 8)
+    assert res["ratio_to_target"] == pytest.approx(res["full_eval_s"] / 90)
+    assert res["ratio_to_record"] == pytest.approx(res["full_eval_s"] / 590)
+    assert "windows/s" in p.stdout and "target" in p.stdout
