@@ -2,7 +2,7 @@
 
 One step is what train_gpt.py's loop does on one rank of the record run (8 ranks, grad accumulation 1):
 forward + backward on TRAIN_BATCH_TOKENS/8 tokens (48 x 2048 at the record config), loss.item(), the
-Muon + AdamW step. Tokens are random (speed does not depend on them). On CUDA the model is compiled
+Muon + AdamW step, the EMA update. Tokens are random (speed does not depend on them). On CUDA the model is compiled
 (COMPILE=1) and runs in bf16 autocast; the warm-up steps pay for the compile and are not timed.
 
 Model FLOPs per token (stated, PaLM-style, attention counted as non-causal):
@@ -80,6 +80,8 @@ def time_training(args: Hyperparameters, device: torch.device, steps: int, warmu
     total, mtp = count_params(model)
     compiled = torch.compile(model) if args.compile else model
     opt = Optimizers(model, args, 0, 1)
+    params = list(model.parameters())
+    ema = [p.detach().float().clone() for p in params]
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step(i: int) -> float:
@@ -92,6 +94,7 @@ def time_training(args: Hyperparameters, device: torch.device, steps: int, warmu
             raise RuntimeError(f"training loss is {value} at step {i}")
         opt.step(i, 1.0)
         opt.zero_grad()
+        torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - args.ema_decay)
         return value
 
     log(f"train: {total:,} params ({mtp:,} MTP), {seqs}x{T} tokens/step, attention {backend}, "

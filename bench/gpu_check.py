@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -88,6 +89,20 @@ class Check:
         (self.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
 
 
+def flash_gqa(device: torch.device) -> bool | str:
+    """Does SDPA's flash kernel take GQA (8 query / 4 KV heads, bf16, causal) forward and backward?
+    If not, training falls back to the math kernel: T x T scores in memory."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(2, 8, 256, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 4, 256, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    except RuntimeError as e:
+        return f"no: {str(e).strip().splitlines()[0][:200]}"
+    return True
+
+
 def phase_env(device: torch.device) -> dict:
     smi = "no nvidia-smi"
     if shutil.which("nvidia-smi"):
@@ -101,7 +116,8 @@ def phase_env(device: torch.device) -> dict:
     return {"nvidia_smi": smi, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "python": platform.python_version(), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "fa3_importable": train_gpt._fa3_func is not None, "attention": train_gpt.attention_backend(device)}
+            "fa3_importable": train_gpt._fa3_func is not None, "attention": train_gpt.attention_backend(device),
+            "sdpa_flash_gqa": flash_gqa(device) if device.type == "cuda" else None}
 
 
 def phase_model(args) -> dict:
@@ -196,7 +212,7 @@ def summary(results: dict, mode: str) -> str:
     r = {k: results.get(k, {}) for k in ("env", "model", "train", "export", "eval", "mixer")}
     rows = [
         ("env", f"{r['env'].get('gpu') or r['env'].get('device')} | torch {r['env'].get('torch')} "
-                f"triton {r['env'].get('triton')} | attention {r['env'].get('attention')}", r["env"].get("nvidia_smi", "")),
+                f"triton {r['env'].get('triton')} | {r['env'].get('attention')}, flash GQA {r['env'].get('sdpa_flash_gqa')}", r["env"].get("nvidia_smi", "")),
         ("model", f"{fmt(r['model'], 'model_params', '{:,}')} params, {fmt(r['model'], 'mtp_params', '{:,}')} MTP",
                   f"{RECORD_PARAMS:,} / {RECORD_MTP_PARAMS:,}"),
         ("train", f"{fmt(r['train'], 'ms_per_step')} ms/step ({fmt(r['train'], 'seqs', '{}')}x{fmt(r['train'], 'seq_len', '{}')}), "

@@ -72,7 +72,12 @@ def test_gpu_check_reports_the_other_phases_when_one_fails(tmp_path, monkeypatch
     monkeypatch.setattr(gpu_check, "phase_export", broken)
     for name, _, _ in train_gpt.HPARAMS:
         monkeypatch.delenv(name, raising=False)
-    rc = gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--steps", "1", "--mixer-tokens", "3000"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU threads contend badly on a loaded 2-core machine
+    try:
+        rc = gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--steps", "1", "--mixer-tokens", "3000"])
+    finally:
+        torch.set_num_threads(threads)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rc == 1 and report["failed"] == ["export"]
     assert report["results"]["export"]["error"] == "RuntimeError: export exploded"
