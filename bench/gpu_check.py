@@ -73,7 +73,8 @@ class Check:
             res = fn()
         except Exception as e:  # one phase's failure must not hide the others' results
             self.log(traceback.format_exc().rstrip())
-            res = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+            first = (str(e).strip().splitlines() or [""])[0]
+            res = {"error": f"{type(e).__name__}: {first[:300]}"}
         res["phase_s"] = time.perf_counter() - t
         self.results[name] = res
         self.log(f"{name}: " + json.dumps(res, default=str))
