@@ -21,6 +21,7 @@ import json
 import lzma
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -51,14 +52,14 @@ HPARAMS = [
     ("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", None),
     ("RUN_ID", "", None),
     ("SEED", 1337, None),
-    ("ITERATIONS", 20000, 300),
-    ("MAX_WALLCLOCK_SECONDS", 600.0, 150.0),
+    ("ITERATIONS", 20000, 150),
+    ("MAX_WALLCLOCK_SECONDS", 600.0, 0.0),
     ("WARMUP_STEPS", 20, 0),
-    ("WARMDOWN_ITERS", 3700, 100),
+    ("WARMDOWN_ITERS", 3700, 50),
     ("TRAIN_BATCH_TOKENS", 786432, 16384),
     ("TRAIN_SEQ_LEN", 2048, 256),
     ("TRAIN_LOG_EVERY", 200, 25),
-    ("VAL_LOSS_EVERY", 4000, 100),
+    ("VAL_LOSS_EVERY", 4000, 50),
     ("VAL_BATCH_SIZE", 524288, 16384),
     ("COMPILE", 1, 0),
     # model
@@ -446,6 +447,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.kv, self.hd)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, None, :, None]
         k = self.rotary(rms_norm(k))
+        q, k = q.to(v.dtype), k.to(v.dtype)  # rms_norm runs in fp32 under autocast; FA3 needs one dtype
         if self.backend == "fa3":
             y = _fa3_func(q, k, v, causal=True)
             y = y[0] if isinstance(y, tuple) else y
@@ -643,7 +645,7 @@ class Muon:
         return sq
 
     @torch.no_grad()
-    def step(self, lr_mul: float, momentum: float, grad_scale: float = 1.0):
+    def step(self, lr_mul: float, momentum: float, grad_scale: Tensor | float = 1.0):
         lr = self.lr * lr_mul
         for ps, buf, g in zip(self.groups, self.momentum, self.shard_grads):
             g = g * grad_scale
@@ -702,12 +704,10 @@ class Optimizers:
         if self.world > 1:
             dist.all_reduce(sq)
         sq = sq + sum(g.float().square().sum() for g in grads)
-        scale = 1.0
-        if a.grad_clip_norm > 0:
-            norm = float(sq.sqrt())
-            scale = min(1.0, a.grad_clip_norm / (norm + 1e-6))
-            for g in grads:
-                g.mul_(scale)
+        scale = torch.ones((), device=sq.device)
+        if a.grad_clip_norm > 0:  # kept on the device: no host sync
+            scale = (a.grad_clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, scale)
         frac = min(step / a.muon_momentum_warmup_steps, 1.0) if a.muon_momentum_warmup_steps else 1.0
         momentum = (1 - frac) * a.muon_momentum_warmup_start + frac * a.muon_momentum
         self.muon.step(lr_mul, momentum, scale)
@@ -962,7 +962,7 @@ def load_artifact(path: str) -> tuple[dict, dict]:
         raise UserError(f"artifact {path} not found; set ARTIFACT to a .ptz written by a training run")
     try:
         blob = torch.load(io.BytesIO(lzma.decompress(p.read_bytes())), map_location="cpu", weights_only=True)
-    except (lzma.LZMAError, EOFError, RuntimeError, ValueError, KeyError, OSError) as e:
+    except (lzma.LZMAError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, OSError) as e:
         raise UserError(f"artifact {path} is truncated or corrupt ({type(e).__name__}); re-export it from a training run") from None
     if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
         raise UserError(f"artifact {path} is not a {ARTIFACT_FORMAT} artifact; re-export it with this train_gpt.py")
