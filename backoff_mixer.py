@@ -1,0 +1,607 @@
+"""Exact, normalized, causal n-gram mixer for evaluation (and the record's hashed rule, for audit).
+
+Notation. The stream s_0, s_1, ... is what has been passed to `update` so far (N tokens).
+For a gram g of L tokens, c(g) = number of positions where g occurs in the stream.
+At row t the input token is x_t; the context of order n (2 <= n <= max_order) is the n-1
+tokens ctx_n = x_{t-n+2..t} of the same row (orders whose context would start before the row
+are unavailable). Counts are exact (open addressing over the full token key, no collisions):
+
+    c_n(ctx)    = c(ctx) - [ctx is the suffix of the stream]   # occurrences followed by a token
+    c_n(ctx, v) = c(ctx . v)                                   # so sum_v c_n(ctx, v) = c_n(ctx)
+    p_1(v)      = (c(v) + 1) / (N + V)                         # add-one unigram; uniform if N = 0
+
+p_net is the network's distribution at row t, H its entropy in nats, and
+    alpha(H) = alpha_base + alpha_range * sigmoid(2 (H - alpha_center)).
+
+rule="backoff" (the record's rule, exact counts):
+    n* = the largest n with c_n(ctx_n) >= min_count;
+    p_ng(v) = c_{n*}(ctx, v) / c_{n*}(ctx)   (p_ng = p_1 if no order qualifies)
+    p(v) = (1 - alpha(H)) p_net(v) + alpha(H) p_ng(v)
+
+rule="dirichlet" (hierarchical Dirichlet / PPM-style interpolation of every order, then mixed):
+    q_1(v) = p_1(v)
+    q_n(v) = (c_n(ctx, v) + beta q_{n-1}(v)) / (c_n(ctx) + beta)   if c_n(ctx) >= min_count
+    q_n(v) = q_{n-1}(v)                                               otherwise (n = 2..max_order)
+    p(v) = (1 - alpha(H)) p_net(v) + alpha(H) q_{max_order}(v)
+  A context seen c times gets weight c / (c + beta) against its shorter contexts, so rare long
+  contexts no longer take all of the n-gram's mass as in greedy backoff.
+
+Each level is a convex combination of proper distributions, so sum_v p(v) = 1 exactly for both
+rules, and p(y) needs only p_net(y) and H: the distributed evaluation gathers just those two
+numbers per position (`score_from_net`). Row t uses only the stream, x_{..t} and y_t.
+
+`HashedTargetOnlyMixer` re-implements the record's rule as it was built: per order a context
+hash table and a context+target hash table of `buckets` counters, and only the target's ratio
+min(c(h(ctx, y)), c(h(ctx))) / c(h(ctx)) is ever computed. With collisions this is NOT a
+conditional distribution (summed over the vocabulary it exceeds 1 by orders of magnitude at the
+record's load); it exists for the audit and the benchmark only.
+
+    python backoff_mixer.py audit [--tokens GLOB] [--positions N] [--buckets B] ...
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Shared pieces
+# -----------------------------------------------------------------------------
+
+def _alpha(H: torch.Tensor, base: float, rng: float, center: float) -> torch.Tensor:
+    return base + rng * torch.sigmoid(2.0 * (H - center))
+
+
+def _check_tokens(t: torch.Tensor, V: int, name: str) -> None:
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
+        raise ValueError(f"{name}: token ids must lie in [0, {V}), got [{int(t.min())}, {int(t.max())}]")
+
+
+def _rev_windows(x: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """x [B, P+T] -> [B*T, K] with out[b*T+t, j] = x[b, P+t-j] (0 where P+t-j < 0)."""
+    B, W = x.shape
+    xp = F.pad(x, (K - 1, 0))
+    win = xp.unfold(1, K, 1)[:, W - T:, :]          # [B, T, K], oldest first
+    return win.flip(-1).reshape(B * T, K)
+
+
+def _net_stats(logits: torch.Tensor):
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp, -(logp.exp() * logp).sum(-1)
+
+
+class _MixerAPI:
+    """score / distribution in terms of score_from_net (one code path)."""
+
+    def _check_logits(self, logits: torch.Tensor) -> None:
+        if logits.shape[-1] != self.V:
+            raise ValueError(f"logits last dim {logits.shape[-1]} != vocab_size {self.V}")
+
+    def score(self, logits, x, y):
+        """[B,T,V], [B,P+T], [B,T] -> [B,T] NLL (nats) of the mixed distribution; state unchanged."""
+        self._check_logits(logits)
+        logp, H = _net_stats(logits)
+        logp_y = logp.gather(-1, y.to(logp.device).long().unsqueeze(-1)).squeeze(-1)
+        return self.score_from_net(logp_y, H, x, y)
+
+    def score_from_net(self, logp_y, entropy, x, y):
+        """log p_net(y) [B,T], H [B,T], x [B,P+T], y [B,T] -> [B,T] NLL in nats."""
+        x, y = x.to(self.device).long(), y.to(self.device).long()
+        _check_tokens(x, self.V, "x")
+        _check_tokens(y, self.V, "y")
+        B, T = y.shape
+        if x.shape[0] != B or x.shape[1] < T:
+            raise ValueError(f"x {tuple(x.shape)} must be [B, P+T] for y {tuple(y.shape)}")
+        rev_x, t_in = self._rows(x, T)
+        p = self._mix(logp_y.to(self.device).double().exp().reshape(B * T, 1),
+                      entropy.to(self.device).double().reshape(B * T), rev_x, t_in, y.reshape(B * T, 1))
+        return (-torch.log(p)).reshape(B, T).to(logp_y.dtype)
+
+    def distribution(self, logits, x, rows_per_call: int = 256):
+        """[B,T,V], [B,P+T] -> [B,T,V]: the full distribution whose value at y score() returns."""
+        self._check_logits(logits)
+        x = x.to(self.device).long()
+        _check_tokens(x, self.V, "x")
+        logp, H = _net_stats(logits.to(self.device))
+        B, T, V = logp.shape
+        pnet, H = logp.double().exp().reshape(B * T, V), H.double().reshape(B * T)
+        rev_x, t_in = self._rows(x, T)
+        cand = torch.arange(V, device=self.device).expand(B * T, V)
+        out = torch.empty(B * T, V, dtype=torch.float64, device=self.device)
+        for i in range(0, B * T, rows_per_call):
+            r = slice(i, i + rows_per_call)
+            out[r] = self._mix(pnet[r], H[r], rev_x[r], t_in[r], cand[r])
+        return out.reshape(B, T, V)
+
+    def _rows(self, x, T):
+        """x [B, P+T] -> contexts rev_x [B*T, max_order-1] (newest first) and t_in [B*T], the
+        index of x_t in its row (a context of k tokens exists iff t_in >= k-1)."""
+        B, W = x.shape
+        t_in = (W - T) + torch.arange(T, device=self.device).repeat(B)
+        return _rev_windows(x, T, self.max_order - 1), t_in
+
+
+def read_shard(path: str) -> np.ndarray:
+    """Competition shard: 256 int32 header [20240520, 1, num_tokens, ...], then uint16 tokens."""
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header.size != 256 or header[0] != 20240520 or header[1] != 1:
+        raise ValueError(f"{path}: not a version-1 token shard")
+    toks = np.fromfile(path, dtype="<u2", count=int(header[2]), offset=256 * 4)
+    if toks.size != header[2]:
+        raise ValueError(f"{path}: expected {header[2]} tokens, found {toks.size}")
+    return toks
+
+
+def zipf_stream(n: int, V: int, seed: int = 0, exponent: float = 1.1) -> np.ndarray:
+    """Synthetic text-like stream: Zipf unigrams, with half of it made of copies of earlier
+    spans (lengths 4..64), so long contexts recur as in real text."""
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, V + 1) ** exponent
+    out = rng.choice(V, size=n, p=w / w.sum())
+    i = 1024
+    while i < n:
+        L = int(rng.integers(4, 65))
+        if rng.random() < 0.5:
+            src = int(rng.integers(0, i - L))
+            out[i:i + L] = out[src:src + L][: n - i]
+        i += L
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Exact gram table: open addressing keyed by the full token sequence
+# -----------------------------------------------------------------------------
+
+_M1, _M2 = -7046029254386353131, 5443315617234345911   # odd 64-bit mixing constants
+_W = 16                                                 # probe rounds read 1, 4, then 16 slots
+
+
+class _ExactTable:
+    """Map (hi, lo) int64 key pairs -> int64 counts. Linear probing at load <= 1/2 over rows
+    tab[slot] = (hi, lo, count) (one cache line per probe); hi == 0 marks an empty slot (keys
+    carry a nonzero length tag in hi). Lookups compare both words, so counts are exact."""
+
+    def __init__(self, device, log2cap: int = 16):
+        self.device, self.size = device, 0
+        self._alloc(log2cap)
+
+    def _alloc(self, log2cap):
+        self.bits, self.mask = log2cap, (1 << log2cap) - 1
+        self.tab = torch.zeros(1 << log2cap, 3, dtype=torch.int64, device=self.device)
+
+    def memory_bytes(self):
+        return self.tab.numel() * 8
+
+    def _hash(self, hi, lo):
+        h = (hi * _M1 ^ lo) * _M2
+        return (h >> (64 - self.bits)) & self.mask
+
+    def _find(self, hi, lo, insert: bool):
+        """Slot of each key (-1 if absent and not inserting). Probe rounds read windows of
+        1, 4, then _W consecutive slots; the key, if present, precedes
+        the first empty slot. Inserting claims that empty slot; concurrent claims on one slot go
+        to the lowest query index, the others re-read from there (a duplicate then hits it)."""
+        n = hi.numel()
+        res = torch.full((n,), -1, dtype=torch.int64, device=self.device)
+        q = torch.arange(n, device=self.device)
+        h = self._hash(hi, lo)
+        flat, W = self.tab.view(-1), 1
+        while q.numel():
+            if W == 1:
+                rows = self.tab.index_select(0, h)
+                hit = (rows[:, 0] == hi) & (rows[:, 1] == lo)
+                found = hit | (rows[:, 0] == 0)
+                slot, is_hit = h, hit
+            else:
+                idx = ((h[:, None] + torch.arange(W, device=self.device)) & self.mask).view(-1)
+                rows = self.tab.index_select(0, idx).view(-1, W, 3)
+                hit = (rows[..., 0] == hi[:, None]) & (rows[..., 1] == lo[:, None])
+                stop = hit | (rows[..., 0] == 0)
+                first, found = stop.byte().argmax(1), stop.any(1)
+                slot = (h + first) & self.mask
+                is_hit = hit.gather(1, first[:, None]).squeeze(1) & found
+            res.scatter_(0, q[is_hit], slot[is_hit])
+            keep = ~is_hit
+            if insert:
+                e = (found & ~is_hit).nonzero().squeeze(1)
+                qe, he = q[e], slot[e]
+                flat.scatter_reduce_(0, he * 3 + 2, qe - n, reduce="amin")   # empty rows hold count 0
+                w = flat.index_select(0, he * 3 + 2) == qe - n
+                hw, ew = he[w], e[w]
+                self.tab.index_copy_(0, hw, torch.stack([hi[ew], lo[ew], torch.zeros_like(hw)], 1))
+                self.size += int(hw.numel())
+                res.scatter_(0, q[ew], hw)
+                keep.scatter_(0, ew, False)
+            else:
+                keep &= ~found
+            h = torch.where(found, slot, h + W)
+            nz = keep.nonzero().squeeze(1)
+            q, h, hi, lo = (t.index_select(0, nz) for t in (q, h, hi, lo))
+            W = min(4 * W, _W)
+        return res
+
+    def counts_at(self, slot):
+        return torch.where(slot >= 0, self.tab[:, 2].index_select(0, slot.clamp(min=0)), 0)
+
+    def count(self, hi, lo):
+        return self.counts_at(self._find(hi, lo, insert=False))
+
+    def _rebuild(self, log2cap):
+        """Re-insert every key into a table of 2**log2cap slots in one pass: sorted by home slot,
+        key i goes to p_i = max(h_i, p_{i-1} + 1) = i + cummax(h - i), a valid linear-probing
+        layout; the few keys pushed past the end wrap around through _find."""
+        old = self.tab[self.tab[:, 0] != 0]
+        self._alloc(log2cap)
+        h, order = self._hash(old[:, 0], old[:, 1]).sort()
+        old, i = old[order], torch.arange(h.numel(), device=self.device)
+        p = (h - i).cummax(0).values + i
+        fits = p <= self.mask
+        self.tab.index_copy_(0, p[fits], old[fits])
+        self.size = int(fits.sum())
+        rest = old[~fits]
+        self.tab[:, 2].index_copy_(0, self._find(rest[:, 0], rest[:, 1], insert=True), rest[:, 2])
+
+    def add(self, hi, lo, slot=None):
+        """c(key) += 1 per occurrence (duplicates included). slot: known slots (-1: unknown),
+        valid only if the table has not changed since they were found."""
+        need = self.size + hi.numel()
+        if 2 * need > self.mask + 1:
+            self._rebuild(max(self.bits + 1, math.ceil(math.log2(2 * need + 1))))
+            slot = None
+        if slot is None:
+            slot = self._find(hi, lo, insert=True)
+        else:
+            miss = (slot < 0).nonzero().squeeze(1)
+            slot = slot.scatter(0, miss, self._find(hi[miss], lo[miss], insert=True))
+        self.tab.view(-1).index_add_(0, slot * 3 + 2, torch.ones_like(slot))
+
+
+# -----------------------------------------------------------------------------
+# BackoffNgramMixer
+# -----------------------------------------------------------------------------
+
+class BackoffNgramMixer(_MixerAPI):
+    RULES = ("backoff", "dirichlet")
+
+    def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
+                 alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
+                 device="cpu", rule: str = "dirichlet", beta: float = 8.0):
+        if max_order < 2:
+            raise ValueError(f"max_order must be >= 2, got {max_order}")
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        if rule not in self.RULES:
+            raise ValueError(f"rule must be one of {self.RULES}, got {rule!r}")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.V, self.max_order, self.min_count, self.rule, self.beta = vocab_size, max_order, min_count, rule, beta
+        self.alpha = (alpha_base, alpha_range, alpha_center)
+        self.device = torch.device(device)
+        # key packing, b bits per token: lo = newest k_lo tokens, hi = 5-bit length tag + older tokens
+        self.b = max(1, (vocab_size - 1).bit_length())
+        self.k_lo, k_hi = 63 // self.b, (63 - 5) // self.b
+        if max_order > self.k_lo + k_hi:
+            raise ValueError(f"max_order {max_order} > {self.k_lo + k_hi}: exact keys for V={vocab_size} hold at most that")
+        j = torch.arange(max_order, device=self.device)
+        self._is_lo = j < self.k_lo
+        self._sh_lo = torch.where(self._is_lo, self.b * j, 0)
+        self._sh_hi = torch.where(self._is_lo, 0, 5 + self.b * (j - self.k_lo))
+        self.table = _ExactTable(self.device)                 # grams of length 2..max_order
+        self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
+        self.N = 0
+        self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)   # last max_order-1 tokens
+        self._memo = None   # (tokens, hi, lo, slot) of the last score's target grams, for update
+
+    def memory_bytes(self):
+        return self.table.memory_bytes() + self.uni.numel() * 8
+
+    def _keys(self, rev: torch.Tensor):
+        """rev [..., L] (newest first) -> (hi, lo) [..., L]: keys of the grams of length 1..L."""
+        L = rev.shape[-1]
+        lo = torch.where(self._is_lo[:L], rev << self._sh_lo[:L], 0).cumsum(-1)
+        hi = torch.where(self._is_lo[:L], 0, rev << self._sh_hi[:L]).cumsum(-1)
+        return hi + torch.arange(1, L + 1, device=rev.device), lo
+
+    # --- state ------------------------------------------------------------------------------
+    def update(self, tokens: torch.Tensor) -> None:
+        """Append the next tokens of the stream (1-D, in order) to the counts."""
+        tokens = tokens.to(self.device).long().reshape(-1)
+        _check_tokens(tokens, self.V, "tokens")
+        if not tokens.numel():
+            return
+        K, n = self.max_order, tokens.numel()
+        seq = torch.cat([self.tail, tokens])
+        rev = _rev_windows(seq[None], n, K)                              # [n, K] newest first
+        pos = self.N + torch.arange(n, device=self.device)               # stream index of each token
+        ok = pos[:, None] >= torch.arange(K, device=self.device)          # gram of length j+1 fits
+        ok[:, 0] = False                                                  # unigrams live in self.uni
+        memo, self._memo = self._memo, None
+        if memo is not None and memo[0].shape == rev.shape and bool((memo[0] == rev).all()):
+            _, hi, lo, slot = memo                                        # score() looked these up
+            slot = slot[ok]
+        else:
+            (hi, lo), slot = self._keys(rev), None
+        self.table.add(hi[ok], lo[ok], slot)
+        self.uni += torch.bincount(tokens, minlength=self.V)
+        self.N += n
+        self.tail = seq[-(K - 1):]
+
+    # --- counts -----------------------------------------------------------------------------
+    def _suffix_match(self, rev_x):
+        """[M, K1]: column j is 1 where the context of j+1 tokens is the stream's suffix, i.e. its
+        last occurrence is not yet followed by a token."""
+        M, K1 = rev_x.shape
+        L = min(K1, self.tail.numel())
+        out = torch.zeros(M, K1, dtype=torch.int64, device=self.device)
+        if L:
+            out[:, :L] = (rev_x[:, :L] == self.tail.flip(0)[:L]).long().cummin(1).values
+        return out
+
+    def _context_counts(self, rev_x, avail, rows=None):
+        """c_n(ctx_n) for n = 2..max_order -> [M, K1] (column n-2); 0 where unavailable.
+        rows: only look up those rows (others are left 0 for the caller to fill)."""
+        M, K1 = rev_x.shape
+        cc = torch.zeros(M, K1, dtype=torch.int64, device=self.device)
+        cc[:, 0] = self.uni[rev_x[:, 0]]
+        if K1 > 1:
+            r = torch.arange(M, device=self.device) if rows is None else rows
+            hi, lo = self._keys(rev_x[r])
+            sel = avail[r, 1:]
+            sub = torch.zeros(r.numel(), K1 - 1, dtype=torch.int64, device=self.device)
+            sub[sel] = self.table.count(hi[:, 1:][sel], lo[:, 1:][sel])
+            cc[r, 1:] = sub
+        return cc
+
+    def _target_counts(self, rev_x, cand, need):
+        """c_n(ctx_n, v) for candidates cand [M, C] -> [M, C, K1] (column n-2), looked up where
+        need [M, K1] (0 elsewhere)."""
+        M, C = cand.shape
+        K1 = rev_x.shape[1]
+        hi, lo = self._keys(torch.cat([cand.unsqueeze(-1), rev_x[:, None, :].expand(M, C, K1)], -1))
+        sel = need[:, None, :].expand(M, C, K1)
+        out = torch.zeros(M, C, K1, dtype=torch.int64, device=self.device)
+        out[sel] = self.table.count(hi[..., 1:][sel], lo[..., 1:][sel])
+        return out
+
+    # --- probabilities ----------------------------------------------------------------------
+    def _mix(self, pnet, H, rev_x, t_in, cand):
+        """Mixed probability at candidates cand [M, C] given p_net(cand) [M, C] and H [M].
+        With C == 1 (score) every order's target count comes from one lookup whose keys and
+        slots are kept for update(); the context counts of row t are then the target counts
+        of row t-1 wherever y_{t-1} = x_t."""
+        M, C = cand.shape
+        K1 = self.max_order - 1
+        avail = t_in[:, None] >= torch.arange(K1, device=self.device)   # ctx of j+1 tokens fits
+        if C == 1:
+            hi, lo = self._keys(torch.cat([cand, rev_x], 1))             # [M, K]: lengths 1..K
+            sel = avail.clone()
+            slot = torch.full((M, K1), -1, dtype=torch.int64, device=self.device)
+            slot[sel] = self.table._find(hi[:, 1:][sel], lo[:, 1:][sel], insert=False)
+            tc = self.table.counts_at(slot.view(-1)).view(M, K1)
+            self._memo = (torch.cat([cand, rev_x], 1), hi, lo, F.pad(slot, (1, 0), value=-1))
+            prev = torch.zeros(M, dtype=torch.bool, device=self.device)
+            prev[1:] = (t_in[1:] > 0) & (cand[:-1, 0] == rev_x[1:, 0])      # row m-1 is x_t's predecessor
+            cc = self._context_counts(rev_x, avail, rows=(~prev).nonzero().squeeze(1))
+            cc[1:, 1:] = torch.where(prev[1:, None], tc[:-1, :-1], cc[1:, 1:])
+            tcnt = tc[:, None, :]
+        else:
+            cc = self._context_counts(rev_x, avail)
+            tcnt = None
+        cc = (cc - self._suffix_match(rev_x)) * avail
+        a = _alpha(H, *self.alpha)[:, None]
+        p1 = (self.uni[cand].double() + 1.0) / (self.N + self.V)
+        ok = cc >= self.min_count
+        if self.rule == "backoff":
+            n_star = torch.where(ok.any(1), K1 - ok.flip(1).long().argmax(1), 0) + 1   # 1: no order
+            need = F.one_hot((n_star - 2).clamp(min=0), K1).bool() & (n_star >= 2)[:, None]
+            if tcnt is None:
+                tcnt = self._target_counts(rev_x, cand, need)
+            c_ng = (tcnt * need[:, None, :]).sum(-1).double()
+            c_ctx = (cc * need).sum(-1, keepdim=True).double()
+            p_ng = torch.where((n_star >= 2)[:, None], c_ng / c_ctx.clamp(min=1), p1)
+            return (1 - a) * pnet + a * p_ng
+        if tcnt is None:
+            tcnt = self._target_counts(rev_x, cand, ok)
+        q = p1
+        for j in range(K1):
+            q = torch.where(ok[:, j:j + 1], (tcnt[:, :, j] + self.beta * q) / (cc[:, j:j + 1] + self.beta), q)
+        return (1 - a) * pnet + a * q
+
+
+# -----------------------------------------------------------------------------
+# The record's hashed target-only rule (NOT a distribution; audit and benchmark only)
+# -----------------------------------------------------------------------------
+
+_PRIMES = [36313, 27191, 51647, 81929, 131071, 174763, 233017, 299993, 350377, 412637, 479909]
+
+
+class HashedTargetOnlyMixer(_MixerAPI):
+    """Per order n = 2..max_order: ctx_counts[n][h(ctx)] and full_counts[n][h(ctx, y)] in flat
+    tables of `buckets` counters, g(ctx) = XOR_k ctx_k * prime_k, h(ctx) = g(ctx) mod buckets and
+    h(ctx, y) = (g(ctx) XOR y * prime_{n-1}) mod buckets (a mask when buckets is a power of 2). The claimed p_ng(y) at the highest order
+    with ctx count >= min_count is min(full, ctx) / ctx (clipped to [0, 1]), else the add-one
+    unigram. Summed over y it is not 1; see the module docstring."""
+
+    def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
+                 alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
+                 device="cpu", buckets: int = 4_194_304):
+        if max_order < 2:
+            raise ValueError(f"max_order must be >= 2, got {max_order}")
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        self.V, self.max_order, self.min_count, self.buckets = vocab_size, max_order, min_count, buckets
+        self.alpha = (alpha_base, alpha_range, alpha_center)
+        self.device = torch.device(device)
+        self.ctx_counts = [torch.zeros(buckets, dtype=torch.float32, device=self.device) for _ in range(max_order - 1)]
+        self.full_counts = [torch.zeros(buckets, dtype=torch.float32, device=self.device) for _ in range(max_order - 1)]
+        self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
+        self.N = 0
+        self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)
+
+    def memory_bytes(self):
+        return sum(t.numel() * 4 for t in self.ctx_counts + self.full_counts) + self.uni.numel() * 8
+
+    def _ctx_hash(self, rev, n):
+        """rev [..., >=n-1] newest first -> hash of the n-1 context tokens."""
+        h = rev[..., 0] * _PRIMES[0]
+        for k in range(1, n - 1):
+            h = h ^ (rev[..., k] * _PRIMES[k])
+        return h
+
+    def _full_hash(self, hctx, y, n):
+        return self._bucket(hctx ^ (y * _PRIMES[n - 1]))
+
+    def _bucket(self, h):
+        b = self.buckets
+        return h & (b - 1) if b & (b - 1) == 0 else h.abs() % b
+
+    def update(self, tokens):
+        tokens = tokens.to(self.device).long().reshape(-1)
+        _check_tokens(tokens, self.V, "tokens")
+        if not tokens.numel():
+            return
+        seq = torch.cat([self.tail, tokens])
+        rev = _rev_windows(seq[None], tokens.numel(), self.max_order)   # rev[:, 0] = target
+        pos = self.N + torch.arange(tokens.numel(), device=self.device)
+        for n in range(2, self.max_order + 1):
+            ok = pos >= n - 1
+            hc = self._ctx_hash(rev[ok, 1:], n)
+            hf = self._full_hash(hc, rev[ok, 0], n)
+            hc = self._bucket(hc)
+            one = torch.ones(hc.numel(), device=self.device)
+            self.ctx_counts[n - 2].index_add_(0, hc, one)
+            self.full_counts[n - 2].index_add_(0, hf, one)
+        self.uni += torch.bincount(tokens, minlength=self.V)
+        self.N += tokens.numel()
+        self.tail = seq[-(self.max_order - 1):]
+
+    def _mix(self, pnet, H, rev_x, t_in, cand):
+        p = (self.uni[cand].double() + 1.0) / (self.N + self.V)
+        done = torch.zeros(cand.shape[0], dtype=torch.bool, device=self.device)
+        for n in range(self.max_order, 1, -1):
+            hc = self._ctx_hash(rev_x, n)
+            ctx = self.ctx_counts[n - 2][self._bucket(hc)]
+            full = self.full_counts[n - 2][self._full_hash(hc[:, None], cand, n)]
+            ratio = (torch.minimum(full, ctx[:, None]) / ctx.clamp(min=1)[:, None]).clamp(0, 1).double()
+            take = (ctx >= self.min_count) & (t_in >= n - 2) & ~done
+            p = torch.where(take[:, None], ratio, p)
+            done |= take
+        a = _alpha(H, *self.alpha)[:, None]
+        return (1 - a) * pnet + a * p
+
+
+# -----------------------------------------------------------------------------
+# Audit: does each rule sum to 1 over the vocabulary, and what would it claim?
+# -----------------------------------------------------------------------------
+
+def bigram_proxy(fit: np.ndarray, V: int, k: float = 4.0) -> torch.Tensor:
+    """Neural proxy: log p(v | u) = log (c(u, v) + k p_uni(v)) / (c(u) + k), counts from `fit`
+    (a separate prefix of the stream), p_uni add-one. Returns the [V, V] table of logits."""
+    uni = np.bincount(fit, minlength=V) + 1.0
+    big = np.bincount(fit[:-1].astype(np.int64) * V + fit[1:], minlength=V * V).reshape(V, V)
+    p = (big + k * uni / uni.sum()) / (big.sum(1, keepdims=True) + k)
+    return torch.from_numpy(np.log(p)).float()
+
+
+def token_bytes(model_path: str, V: int):
+    """Competition byte rule: base bytes (UTF-8 of the piece without its leading '▁'; byte
+    pieces 1; control/unknown/unused 0), +1 for a leading '▁' unless the previous token is a
+    boundary (control/unknown/unused)."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    base, space, boundary = np.zeros(V), np.zeros(V, bool), np.ones(V, bool)
+    for i in range(min(V, sp.vocab_size())):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            base[i] = 1
+        else:
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece.lstrip("\u2581").encode("utf-8")) if space[i] else len(piece.encode("utf-8"))
+    return lambda prev, y: base[y] + (space[y] & ~boundary[prev])
+
+
+def audit(args) -> list:
+    V = args.vocab_size
+    paths = sorted(glob.glob(args.tokens)) if args.tokens else []
+    if args.tokens and not paths:
+        raise ValueError(f"no file matches {args.tokens}")
+    stream = (np.concatenate([read_shard(p) for p in paths]) if paths
+              else zipf_stream(args.fit_tokens + args.eval_tokens + 1, V, seed=args.seed))
+    if int(stream.max()) >= V:
+        raise ValueError(f"tokens: ids up to {int(stream.max())} >= vocab_size {V}")
+    fit, ev = stream[: args.fit_tokens], stream[args.fit_tokens: args.fit_tokens + args.eval_tokens + 1]
+    ev = torch.from_numpy(ev.astype(np.int64))
+    E = ev.numel() - 1
+    net = bigram_proxy(fit, V)
+    buckets = args.buckets or max(1, E // 15)
+    kw = dict(vocab_size=V, max_order=args.max_order, min_count=args.min_count)
+    mixers = {f"exact {r}": BackoffNgramMixer(**kw, rule=r, beta=args.beta) for r in BackoffNgramMixer.RULES}
+    mixers[f"hashed target-only ({buckets:,} buckets, INVALID)"] = HashedTargetOnlyMixer(**kw, buckets=buckets)
+    rng = np.random.default_rng(args.seed)
+    sample = set(rng.choice(np.arange(E // 10, E), size=min(args.positions, E - E // 10), replace=False).tolist())
+    nll = {k: 0.0 for k in ["proxy alone", *mixers]}
+    sums = {k: [] for k in mixers}
+    P, C = args.max_order - 1, args.chunk
+    done = 0
+    for s in range(0, E, C):
+        e = min(s + C, E)
+        x, y = ev[max(0, s - P):e][None], ev[s + 1:e + 1][None]
+        logits = net[ev[s:e]][None]
+        logp = torch.log_softmax(logits, -1)
+        nll["proxy alone"] += float(-logp[0].gather(-1, y[0, :, None]).sum())
+        for k, m in mixers.items():
+            nll[k] += float(m.score(logits, x, y).double().sum())
+            for t in range(s, e):
+                if t in sample:   # full distribution at row t: input ev[t], context ev[t-P .. t-1]
+                    row = ev[max(0, t - P): t + 1][None]
+                    sums[k].append(float(m.distribution(net[ev[t]][None, None], row).sum()))
+            m.update(ev[done:e + 1])
+        done = e + 1
+    nbytes = None
+    if args.tokenizer:
+        nbytes = float(token_bytes(args.tokenizer, V)(ev[:E].numpy(), ev[1:].numpy()).sum())
+    rows = []
+    for k, v in nll.items():
+        s_ = np.array(sums.get(k, [1.0]))
+        rows.append((k, s_.min(), s_.mean(), s_.max(), v / E / math.log(2), v / math.log(2) / nbytes if nbytes else None))
+    print(f"stream: {'+'.join(paths) if paths else 'synthetic Zipf'}; proxy fitted on {len(fit):,} tokens; "
+          f"scored {E:,} tokens in chunks of {C}; orders 2..{args.max_order}; "
+          f"hashed load {E / buckets:.1f} tokens/bucket; sum_v p(v) at {len(next(iter(sums.values())))} sampled positions")
+    print(f"{'model':52s} {'min sum p':>10s} {'mean sum p':>11s} {'max sum p':>10s} {'bits/tok':>9s} {'BPB':>7s}")
+    for k, a, b, c, bt, bpb in rows:
+        print(f"{k:52s} {a:10.4f} {b:11.4f} {c:10.4f} {bt:9.4f} {'' if bpb is None else f'{bpb:7.4f}'}")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="BackoffNgramMixer tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("audit", help="sum_v p(v) and claimed bits for the exact rules and the hashed rule")
+    a.add_argument("--tokens", default=None, help="shard file or glob (default: synthetic Zipf stream)")
+    a.add_argument("--fit-tokens", type=int, default=400_000, help="stream prefix that fits the bigram proxy")
+    a.add_argument("--eval-tokens", type=int, default=100_000, help="tokens scored after that prefix")
+    a.add_argument("--positions", type=int, default=200, help="positions where sum_v p(v) is computed")
+    a.add_argument("--buckets", type=int, default=0, help="hashed buckets per order (default: eval tokens / 15)")
+    a.add_argument("--max-order", type=int, default=10)
+    a.add_argument("--min-count", type=int, default=1)
+    a.add_argument("--beta", type=float, default=8.0, help="rule=dirichlet concentration")
+    a.add_argument("--chunk", type=int, default=4096)
+    a.add_argument("--vocab-size", type=int, default=1024)
+    a.add_argument("--tokenizer", default=None, help="sentencepiece model: also report BPB")
+    a.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    audit(args)
+    print(f"({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Tests for backoff_mixer: normalization, causality, exact counts (checked against brute force
+and against a hand-computed stream), state handling, the hashed rule's excess mass, errors."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from backoff_mixer import BackoffNgramMixer, HashedTargetOnlyMixer  # noqa: E402
+
+RULES = BackoffNgramMixer.RULES
+
+
+def alpha(H):
+    return 0.20 + 0.55 / (1 + math.exp(-2 * (H - 3.0)))
+
+
+def text_like(n, V, seed):
+    """Random stream with repeated spans, so that long contexts recur."""
+    g = np.random.default_rng(seed)
+    s = g.integers(0, V, n)
+    for i in range(64, n, 16):
+        if g.random() < 0.5:
+            j, L = int(g.integers(0, i - 12)), int(g.integers(3, 12))
+            s[i:i + L] = s[j:j + L][: n - i]
+    return torch.from_numpy(s.astype(np.int64))
+
+
+def fed(rule="backoff", V=32, order=5, n=3000, chunks=(257, 1000, 1743), seed=0, **kw):
+    s = text_like(n, V, seed)
+    m = BackoffNgramMixer(vocab_size=V, max_order=order, rule=rule, **kw)
+    for a, b in zip((0,) + chunks[:-1], chunks):
+        m.update(s[a:b])
+    return m, s
+
+
+def brute_p_ng(hist, ctx_tokens, order, min_count, V, rule, beta):
+    """Independent reference: count by scanning the history (python lists)."""
+    N = len(hist)
+    uni = [hist.count(v) for v in range(V)]
+    p1 = [(uni[v] + 1) / (N + V) for v in range(V)]
+
+    def counts(ctx):
+        k = len(ctx)
+        follow = [0] * V
+        for i in range(k - 1, N - 1):
+            if hist[i - k + 1:i + 1] == ctx:
+                follow[hist[i + 1]] += 1
+        return sum(follow), follow
+
+    levels = []
+    for n in range(2, order + 1):
+        if len(ctx_tokens) >= n - 1:
+            c, f = counts(ctx_tokens[len(ctx_tokens) - (n - 1):])
+            if c >= min_count:
+                levels.append((c, f))
+                continue
+        levels.append(None)
+    if rule == "backoff":
+        for lv in reversed(levels):
+            if lv is not None:
+                return [lv[1][v] / lv[0] for v in range(V)]
+        return p1
+    q = p1
+    for lv in levels:
+        if lv is not None:
+            q = [(lv[1][v] + beta * q[v]) / (lv[0] + beta) for v in range(V)]
+    return q
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", RULES)
+def test_distribution_sums_to_one(rule):
+    m, s = fed(rule)
+    g = torch.Generator().manual_seed(1)
+    x = torch.stack([s[i:i + 40] for i in (0, 500, 2950 - 40)])
+    logits = 3 * torch.randn(3, 36, 32, generator=g)
+    p = m.distribution(logits, x)                     # P = 4 leading context columns
+    assert p.shape == (3, 36, 32)
+    assert (p > 0).all()
+    assert torch.allclose(p.sum(-1), torch.ones(3, 36, dtype=p.dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_score_is_minus_log_distribution(rule):
+    m, s = fed(rule)
+    g = torch.Generator().manual_seed(2)
+    x = torch.stack([s[i:i + 60] for i in (10, 1200)])
+    y = torch.stack([s[i + 1:i + 61] for i in (10, 1200)])
+    logits = 2 * torch.randn(2, 60, 32, generator=g)
+    p = m.distribution(logits, x)
+    nll = m.score(logits, x, y)
+    ref = -torch.log(p.gather(-1, y[..., None]).squeeze(-1))
+    assert torch.allclose(nll.double(), ref, atol=1e-5)
+    # the gathered path the distributed eval uses
+    logp = torch.log_softmax(logits, -1)
+    H = -(logp.exp() * logp).sum(-1)
+    nll2 = m.score_from_net(logp.gather(-1, y[..., None]).squeeze(-1), H, x, y)
+    assert torch.allclose(nll, nll2, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_matches_brute_force_counts(rule):
+    V, order, mc = 16, 5, 2
+    m, s = fed(rule, V=V, order=order, n=1500, chunks=(700, 701, 1500), seed=3, min_count=mc, beta=3.0)
+    hist = s.tolist()
+    g = torch.Generator().manual_seed(4)
+    q = text_like(200, V, 9)
+    q[50:70] = s[300:320]                            # contexts that were seen
+    logits = torch.randn(1, 200, V, generator=g)
+    p = m.distribution(logits, q[None])[0]
+    pnet = torch.softmax(logits[0].double(), -1)
+    H = -(pnet * pnet.log()).sum(-1)
+    for t in list(range(0, 6)) + list(range(50, 72)) + [120, 199]:
+        png = brute_p_ng(hist, q[:t + 1].tolist(), order, mc, V, rule, 3.0)
+        a = alpha(float(H[t]))
+        exp = (1 - a) * pnet[t] + a * torch.tensor(png, dtype=torch.float64)
+        assert torch.allclose(p[t], exp, atol=1e-6), t
+
+
+def test_hand_computed_tiny_stream():
+    # stream 0 1 2 0 1 3 0 1, V = 5, orders 2..3.  Counts by hand:
+    #   "0 1" occurs 3 times, twice followed by a token (by 2, by 3)       -> c_3 = 2
+    #   "1"   occurs 3 times, twice followed (by 2, by 3)                  -> c_2 = 2
+    #   unigrams 0:3 1:3 2:1 3:1 4:0, N = 8 -> p_1 = (4, 4, 2, 2, 1) / 13
+    V = 5
+    m = BackoffNgramMixer(vocab_size=V, max_order=3, rule="backoff")
+    m.update(torch.tensor([0, 1, 2]))
+    m.update(torch.tensor([0, 1, 3, 0, 1]))          # grams across the chunk boundary count
+    logits = torch.zeros(1, 1, V)                    # uniform network: p_net = 1/5, H = ln 5
+    a = alpha(math.log(5))
+    p = m.distribution(logits, torch.tensor([[0, 1]]))[0, 0]       # order-3 context "0 1"
+    assert torch.allclose(p, torch.tensor([(1 - a) / 5 + a * v for v in (0, 0, .5, .5, 0)], dtype=p.dtype), atol=1e-12)
+    p = m.distribution(logits, torch.tensor([[1]]))[0, 0]          # only "1" fits in the row
+    assert torch.allclose(p, torch.tensor([(1 - a) / 5 + a * v for v in (0, 0, .5, .5, 0)], dtype=p.dtype), atol=1e-12)
+    p = m.distribution(logits, torch.tensor([[4]]))[0, 0]          # unseen context: unigram
+    assert torch.allclose(p, torch.tensor([(1 - a) / 5 + a * v / 13 for v in (4, 4, 2, 2, 1)], dtype=p.dtype), atol=1e-12)
+    # dirichlet, beta = 1: q2 = (c(1,v) + p1) / 3, q3 = (c(01,v) + q2) / 3
+    d = BackoffNgramMixer(vocab_size=V, max_order=3, rule="dirichlet", beta=1.0)
+    d.update(torch.tensor([0, 1, 2, 0, 1, 3, 0, 1]))
+    p1 = [4 / 13, 4 / 13, 2 / 13, 2 / 13, 1 / 13]
+    q2 = [(c + u) / 3 for c, u in zip((0, 0, 1, 1, 0), p1)]
+    q3 = [(c + u) / 3 for c, u in zip((0, 0, 1, 1, 0), q2)]
+    p = d.distribution(logits, torch.tensor([[0, 1]]))[0, 0]
+    assert torch.allclose(p, torch.tensor([(1 - a) / 5 + a * v for v in q3], dtype=p.dtype), atol=1e-12)
+    nll = d.score(logits, torch.tensor([[0, 1]]), torch.tensor([[3]]))
+    assert abs(float(nll) + math.log((1 - a) / 5 + a * q3[3])) < 1e-6
+
+
+def test_empty_history_is_uniform_mixture():
+    m = BackoffNgramMixer(vocab_size=7, max_order=4, rule="backoff")
+    logits = torch.randn(1, 5, 7)
+    p = m.distribution(logits, torch.tensor([[1, 2, 3, 4, 5]]))
+    pn = torch.softmax(logits.double(), -1)
+    H = -(pn * pn.log()).sum(-1)
+    a = torch.tensor([[alpha(float(h)) for h in H[0]]], dtype=torch.float64)[..., None]
+    assert torch.allclose(p, (1 - a) * pn + a / 7, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_causal_perturbation(rule):
+    m, s = fed(rule)
+    x = torch.stack([s[100:164], s[2000:2064]])
+    y = torch.stack([s[101:165], s[2001:2065]])
+    logits = torch.randn(2, 64, 32)
+    base = m.score(logits, x, y)
+    for t0 in (0, 17, 63):
+        x2, y2, l2 = x.clone(), y.clone(), logits.clone()
+        x2[:, t0 + 1:] = (x2[:, t0 + 1:] + 5) % 32
+        y2[:, t0:] = (y2[:, t0:] + 3) % 32
+        l2[:, t0 + 1:] = torch.randn_like(l2[:, t0 + 1:])
+        out = m.score(l2, x2, y2)
+        assert torch.equal(out[:, :t0], base[:, :t0])
+    x3 = x.clone()                                   # rows of the batch are independent
+    x3[1] = (x3[1] + 1) % 32
+    assert torch.equal(m.score(logits, x3, y)[0], base[0])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_score_changes_no_state(rule):
+    m, s = fed(rule)
+    ref, _ = fed(rule)
+    x, y = s[2900:2990][None], s[2901:2991][None]
+    logits = torch.randn(1, 90, 32)
+    before = m.score(logits, x, y)
+    for _ in range(2):
+        m.score(torch.randn(1, 90, 32), x, y)
+    assert torch.equal(m.score(logits, x, y), before)
+    assert torch.equal(m.table.tab, ref.table.tab) and torch.equal(m.uni, ref.uni) and m.N == ref.N
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_streaming_is_independent_of_chunking_and_scoring(rule):
+    V, n, s = 32, 15000, text_like(16000, 32, 5)
+    a = BackoffNgramMixer(vocab_size=V, max_order=6, rule=rule)
+    b = BackoffNgramMixer(vocab_size=V, max_order=6, rule=rule)
+    a.update(s[:n])
+    P, done = 5, 0
+    for st in range(P, n - 1, 1613):                 # b: score each chunk first, then update it
+        e = min(st + 1613, n - 1)
+        b.score(torch.randn(1, e - st, V), s[st - P:e][None], s[st + 1:e + 1][None])
+        b.update(s[done:e + 1])
+        done = e + 1
+    b.update(s[done:n])
+    assert a.N == b.N == n and a.table.size == b.table.size
+    x, y, logits = s[n:n + 900][None], s[n + 1:n + 901][None], torch.randn(1, 900, V)
+    assert torch.equal(a.score(logits, x, y), b.score(logits, x, y))
+    assert a.table.mask + 1 > 1 << 16                # the table grew (rebuild path exercised)
+
+
+def test_hashed_rule_is_not_a_distribution():
+    V = 64
+    s = text_like(20000, V, 7)
+    h = HashedTargetOnlyMixer(vocab_size=V, max_order=6, buckets=1024)   # ~20 tokens per bucket
+    e = BackoffNgramMixer(vocab_size=V, max_order=6, rule="backoff")
+    h.update(s[:19000])
+    e.update(s[:19000])
+    x, logits = s[19000:19200][None], torch.randn(1, 200, V)
+    ph, pe = h.distribution(logits, x).sum(-1), e.distribution(logits, x).sum(-1)
+    assert ph.mean() > 5 and ph.min() > 1.0
+    assert torch.allclose(pe, torch.ones_like(pe), atol=1e-6)
+
+
+def test_validation_errors():
+    for cls in (BackoffNgramMixer, HashedTargetOnlyMixer):
+        with pytest.raises(ValueError, match="max_order"):
+            cls(vocab_size=8, max_order=1)
+        with pytest.raises(ValueError, match="min_count"):
+            cls(vocab_size=8, min_count=0)
+        m = cls(vocab_size=8, max_order=3)
+        with pytest.raises(ValueError, match="token"):
+            m.update(torch.tensor([1, 8]))
+        with pytest.raises(ValueError, match="token"):
+            m.update(torch.tensor([-1, 2]))
+        with pytest.raises(ValueError, match="vocab_size"):
+            m.score(torch.zeros(1, 2, 9), torch.tensor([[1, 2]]), torch.tensor([[2, 3]]))
+        with pytest.raises(ValueError, match="vocab_size"):
+            m.distribution(torch.zeros(1, 2, 7), torch.tensor([[1, 2]]))
+        with pytest.raises(ValueError, match="token"):
+            m.score(torch.zeros(1, 2, 8), torch.tensor([[1, 9]]), torch.tensor([[2, 3]]))
+    with pytest.raises(ValueError, match="rule"):
+        BackoffNgramMixer(vocab_size=8, rule="kneser")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("rule", RULES)
+def test_cuda_matches_cpu(rule):
+    s = text_like(5000, 64, 11)
+    c = BackoffNgramMixer(vocab_size=64, max_order=7, rule=rule)
+    g = BackoffNgramMixer(vocab_size=64, max_order=7, rule=rule, device="cuda")
+    c.update(s[:4000])
+    g.update(s[:4000].cuda())
+    x, y, logits = s[4000:4500][None], s[4001:4501][None], torch.randn(1, 500, 64)
+    assert torch.allclose(c.score(logits, x, y), g.score(logits.cuda(), x.cuda(), y.cuda()).cpu(), atol=1e-5)
