@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -341,3 +343,20 @@ def test_changing_the_tail_leaves_earlier_scores_unchanged(trained, mixer):
     np.testing.assert_array_equal(a["nll"][:first], b["nll"][:first])
     np.testing.assert_array_equal(a["nll_neural"][:first], b["nll_neural"][:first])
     assert not np.array_equal(a["nll"][first:], b["nll"][first:])
+
+
+def test_two_gloo_ranks_score_like_one(trained):
+    """A real 2-rank run (torchrun, gloo): each rank scores half the windows; the gathered arrays equal world 1's."""
+    env = dict(tiny_env_for(trained.data, trained.sample), RUN_ID="two", EVAL_ONLY="1", ARTIFACT=str(trained.artifact),
+               EVAL_DUMP="two.npz")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "train_gpt.py")], cwd=trained.root, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "world_size:2 backend:gloo" in p.stdout
+    two, one = np.load(trained.root / "two.npz"), np.load(trained.root / "train.npz")
+    np.testing.assert_allclose(two["nll_neural"], one["nll_neural"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(two["bytes"], one["bytes"])
+    for key in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact"):
+        assert float(log_value(p.stdout, key, "val_loss")) == pytest.approx(
+            float(log_value(trained.train.stdout, key, "val_loss")), abs=1e-6)

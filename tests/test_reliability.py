@@ -1,0 +1,273 @@
+"""Reliability (issue 8), against the CLI: bad inputs, numerical faults, interruption, distributed faults.
+
+Every bad-input case must exit non-zero with exactly one `error:` line naming the problem, no traceback,
+and leave every pre-existing file byte-identical (same mtime), with no new artifact and no temp file."""
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SCRIPT, make_dataset, run_cli, snapshot, tiny_env_for
+import train_gpt
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, sample_paths):
+    """A tiny trained artifact (for EVAL_ONLY cases), made once."""
+    root = tmp_path_factory.mktemp("rel_base")
+    data = make_dataset(root / "data", sample_paths)
+    p = run_cli(tiny_env_for(data, sample_paths), root, RUN_ID="base")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return types.SimpleNamespace(root=root, artifact=root / "artifacts" / "base.ptz", sample=sample_paths)
+
+
+@pytest.fixture
+def work(tmp_path, base):
+    return make_work(tmp_path, base)
+
+
+def put(path: Path, data: bytes, key: str, **env) -> dict:
+    """Write a bad file and point env var key at it."""
+    path.write_bytes(data)
+    return dict(env, **{key: str(path)})
+
+
+def patch_header(path: Path, index: int, value: int):
+    raw = bytearray(path.read_bytes())
+    raw[4 * index:4 * index + 4] = np.int32(value).tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path: Path, drop: int):
+    path.write_bytes(path.read_bytes()[:-drop])
+
+
+def other_meta_artifact(w):
+    """The base artifact with its recorded arch edited (MODEL_DIM 64 -> 128): the tensors no longer fit."""
+    blob = torch.load(io.BytesIO(lzma.decompress(w.base.artifact.read_bytes())), weights_only=True)
+    blob["meta"]["arch"]["MODEL_DIM"] = 128
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    path = w.root / "other.ptz"
+    path.write_bytes(lzma.compress(buf.getvalue()))
+    return {"EVAL_ONLY": "1", "ARTIFACT": str(path), "MODEL_DIM": "128"}  # matches the edited meta
+
+
+def corrupt_kg(w):
+    """A copy of the code whose kg_data payload is damaged (the base64 is cut short)."""
+    code = w.root / "code"
+    code.mkdir()
+    for f in ("train_gpt.py", "backoff_mixer.py", "kg_data.py"):
+        shutil.copy(ROOT / f, code / f)
+    text = (code / "kg_data.py").read_text()
+    m = re.search(r'KG_IMPORTANCE_B64 = \(\n    "([^"]+)"', text)
+    (code / "kg_data.py").write_text(text.replace(m.group(1), m.group(1)[:-8] + "AAAA", 1))
+    return {"KG_INIT": "1", "_SCRIPT": str(code / "train_gpt.py")}
+
+
+VAL = "fineweb_val_000000.bin"
+TRAIN1 = "fineweb_train_000001.bin"
+CASES = {
+    "data_path_missing": (lambda w: {"DATA_PATH": str(w.root / "nope")}, "does not exist"),
+    "data_path_empty": (lambda w: (w.root / "empty").mkdir() or {"DATA_PATH": str(w.root / "empty")}, "no shards match"),
+    "val_wrong_magic": (lambda w: patch_header(w.data / VAL, 0, 12345), "magic"),
+    "train_wrong_version": (lambda w: patch_header(w.data / TRAIN1, 1, 7), "version"),
+    "val_truncated": (lambda w: truncate(w.data / VAL, 10), "truncated"),
+    "train_truncated": (lambda w: truncate(w.data / TRAIN1, 3), "truncated"),
+    "train_header_only": (lambda w: (w.data / TRAIN1).write_bytes(b"\0" * 100), "shorter than"),
+    "val_shorter_than_window": (lambda w: train_gpt.write_shard(w.data / VAL, np.arange(50)), "validation split"),
+    "tokenizer_missing": (lambda w: {"TOKENIZER_PATH": str(w.root / "no.model")}, "not found"),
+    "tokenizer_garbage": (lambda w: put(w.root / "g.model", b"junk" * 10, "TOKENIZER_PATH"), "not a SentencePiece"),
+    "tokenizer_vocab_mismatch": (lambda w: {"VOCAB_SIZE": "512"}, "VOCAB_SIZE=512"),
+    "non_numeric": (lambda w: {"ITERATIONS": "abc"}, "ITERATIONS='abc'"),
+    "non_finite_int": (lambda w: {"ITERATIONS": "inf"}, "ITERATIONS='inf'"),
+    "non_finite_float": (lambda w: {"MATRIX_LR": "nan"}, "MATRIX_LR='nan'"),
+    "negative_stride": (lambda w: {"EVAL_STRIDE": "-1"}, "EVAL_STRIDE=-1"),
+    "stride_over_window": (lambda w: {"EVAL_STRIDE": "65"}, "exceeds EVAL_SEQ_LEN"),
+    "ngram_order_1": (lambda w: {"NGRAM_ORDER": "1"}, "NGRAM_ORDER=1"),
+    "heads_not_dividing_dim": (lambda w: {"NUM_HEADS": "3"}, "does not divide MODEL_DIM"),
+    "kv_not_dividing_heads": (lambda w: {"NUM_KV_HEADS": "3"}, "does not divide NUM_HEADS"),
+    "odd_head_dim": (lambda w: {"MODEL_DIM": "66"}, "odd"),
+    "batch_not_divisible": (lambda w: {"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000"),
+    "existing_run_id": (lambda w: {"RUN_ID": "old"}, "already exists"),
+    "eval_only_no_artifact_set": (lambda w: {"EVAL_ONLY": "1"}, "needs ARTIFACT"),
+    "artifact_missing": (lambda w: {"EVAL_ONLY": "1", "ARTIFACT": str(w.root / "no.ptz")}, "not found"),
+    "artifact_truncated": (lambda w: put(w.root / "t.ptz", w.base.artifact.read_bytes()[:-100], "ARTIFACT", EVAL_ONLY="1"),
+                           "truncated or corrupt"),
+    "artifact_not_ours": (lambda w: put(w.root / "n.ptz", lzma.compress(b"x" * 100), "ARTIFACT", EVAL_ONLY="1"), "corrupt"),
+    "artifact_other_config_env": (lambda w: {"EVAL_ONLY": "1", "ARTIFACT": str(w.base.artifact), "MODEL_DIM": "128"},
+                                  "different config"),
+    "artifact_other_config_tensors": (other_meta_artifact, "does not fit"),
+    "kg_payload_corrupt": (corrupt_kg, "kg_data"),
+}
+
+
+def make_work(root: Path, base) -> types.SimpleNamespace:
+    """A cwd with a tiny dataset, an earlier run's log and artifact (which must survive every failure)."""
+    data = make_dataset(root / "data", base.sample, train_shards=2)
+    (root / "logs").mkdir()
+    (root / "logs" / "old.txt").write_text("an earlier run\n")
+    (root / "artifacts").mkdir()
+    shutil.copy(base.artifact, root / "artifacts" / "old.ptz")
+    return types.SimpleNamespace(root=root, data=data, env=tiny_env_for(data, base.sample, RUN_ID="bad"), base=base)
+
+
+@pytest.fixture(scope="module")
+def battery(tmp_path_factory, base):
+    """Every bad-input case in its own cwd, run concurrently (each is a ~2 s process start): case -> result."""
+    jobs = {}
+    for case, (setup, _) in CASES.items():
+        w = make_work(tmp_path_factory.mktemp(case), base)
+        extra = setup(w)
+        extra = dict(extra) if isinstance(extra, dict) else {}
+        script = Path(extra.pop("_SCRIPT", SCRIPT))
+        jobs[case] = (w, script, dict(w.env, **extra), snapshot(w.root))
+    with ThreadPoolExecutor(4) as pool:
+        futures = {c: pool.submit(run_cli, env, w.root, script=script, timeout=90) for c, (w, script, env, _) in jobs.items()}
+        return {c: (jobs[c][0], jobs[c][3], f.result()) for c, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_one_line_nonzero_nothing_overwritten(case, battery):
+    w, before, p = battery[case]
+    phrase = CASES[case][1]
+    out = p.stdout + p.stderr
+    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    assert p.returncode == 2, out[-2000:]
+    assert len(errors) == 1 and phrase in errors[0], out[-2000:]
+    assert "Traceback" not in out
+    after = snapshot(w.root)
+    for path, meta in before.items():
+        assert after.get(path) == meta, f"{path} changed"
+    new = set(after) - set(before)
+    assert all(n.startswith("logs/") for n in new), new  # at most the failing run's own log
+    assert not [n for n in after if n.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- numerical faults
+def test_nan_loss_stops_within_one_step_no_artifact(work):
+    """MATRIX_LR=1e30 (valid, finite) blows the weights up after step 1: step 2's loss is NaN."""
+    p = run_cli(work.env, work.root, RUN_ID="nan", MATRIX_LR="1e30", ITERATIONS="50")
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    log = (work.root / "logs" / "nan.txt").read_text().splitlines()
+    assert log[-1].startswith("error: training diverged: train_loss is nan at step 2")
+    assert "last good step 1 train_loss:" in log[-1]
+    good = [l for l in log if l.startswith("step:1/50 train_loss:")]
+    assert good and good[0].split("train_loss:")[1].split()[0] in log[-1]
+    assert not any(l.startswith("step:2/50 train_loss") for l in log)
+    assert sorted(os.listdir(work.root / "artifacts")) == ["old.ptz"]
+
+
+# ----------------------------------------------------------------------------- interruption
+def test_write_atomic_is_whole_or_absent(tmp_path, monkeypatch):
+    dest = tmp_path / "a.bin"
+    dest.write_bytes(b"old")
+
+    def boom(*_):
+        raise train_gpt.Interrupted("SIGTERM")
+
+    monkeypatch.setattr(train_gpt.os, "replace", boom)
+    with pytest.raises(train_gpt.Interrupted):
+        train_gpt.write_atomic(dest, b"new" * 1000)
+    assert dest.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
+
+
+def start_and_signal(w, run_id: str, sig, marker: str, timeout: float = 90, **extra):
+    """Start a CLI run, send sig once the log has a line starting with marker; returns (rc, log lines)."""
+    env = dict(w.env, RUN_ID=run_id, **{k: str(v) for k, v in extra.items()})
+    proc = subprocess.Popen([sys.executable, str(SCRIPT)], cwd=w.root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log, t0 = w.root / "logs" / f"{run_id}.txt", time.time()
+    try:
+        while time.time() - t0 < timeout:
+            if log.exists() and any(l.startswith(marker) for l in log.read_text().splitlines()):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"{marker} never logged")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, log.read_text().splitlines(), out + err
+
+
+def assert_clean(w):
+    files = [str(p.relative_to(w.root)) for p in w.root.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith(".tmp")], files
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_during_training(work, sig):
+    rc, log, out = start_and_signal(work, f"int{sig.value}", sig, "step:2/", ITERATIONS=100000)
+    assert rc == 130 and "Traceback" not in out, out[-2000:]
+    assert log[-1].startswith(f"interrupted: {sig.name}"), log[-3:]
+    assert all(l.strip() for l in log)  # no half-written lines
+    assert sorted(os.listdir(work.root / "artifacts")) == ["old.ptz"]
+    assert_clean(work)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_during_evaluation_keeps_artifact_and_eval_only_resumes(work, sig, base):
+    """Long sliding eval (stride 1 over 20k tokens); the signal lands after the artifact is written."""
+    make_dataset(work.data, base.sample, val_tokens=20000, train_shards=2)
+    rid = f"ev{sig.value}"
+    rc, log, out = start_and_signal(work, rid, sig, "final_int6_roundtrip_exact", EVAL_STRIDE=1, EVAL_BATCH_SEQS=16)
+    assert rc == 130 and "Traceback" not in out, out[-2000:]
+    assert log[-1].startswith(f"interrupted: {sig.name}") and not any("sliding_window_exact" in l for l in log)
+    artifact = work.root / "artifacts" / f"{rid}.ptz"
+    train_gpt.load_artifact(str(artifact))  # whole and loadable
+    assert_clean(work)
+    p = run_cli(work.env, work.root, RUN_ID=f"{rid}_resume", EVAL_ONLY=1, ARTIFACT=str(artifact))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    roundtrip = [l for l in log if l.startswith("final_int6_roundtrip_exact")]
+    assert roundtrip and roundtrip[0] in p.stdout.splitlines()  # same numbers as the interrupted run
+
+
+# ----------------------------------------------------------------------------- distributed faults
+def torchrun(w, timeout=120, **extra):
+    env = dict(w.env, **{k: str(v) for k, v in extra.items()})
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(SCRIPT)], cwd=w.root, env=env, capture_output=True, text=True, timeout=timeout)
+    return p, time.perf_counter() - t0
+
+
+def test_two_ranks_config_error_exits_cleanly(work):
+    p, seconds = torchrun(work, TRAIN_BATCH_TOKENS="1000")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and seconds < 60
+    errors = [l for l in out.splitlines() if re.match(r"\[rank [01]\] error: TRAIN_BATCH_TOKENS=1000", l)]
+    assert len(errors) == 2, out[-3000:]
+    assert 'train_gpt.py", line' not in out  # no traceback from our code (torchrun prints its own summary)
+    assert snapshot(work.root).keys() >= {"logs/old.txt", "artifacts/old.ptz"}
+
+
+def test_one_rank_failing_stops_all_ranks(work):
+    """Rank 0 alone refuses (its log already exists) while rank 1 goes on to training's first collective:
+    every rank must exit, well before COLLECTIVE_TIMEOUT_SECONDS, with rank 0's message visible."""
+    before = snapshot(work.root)
+    p, seconds = torchrun(work, RUN_ID="old", COLLECTIVE_TIMEOUT_SECONDS="60", ITERATIONS="100000")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert seconds < 45, f"ranks took {seconds:.0f}s to exit"
+    assert "[rank 0] error: logs/old.txt already exists" in out, out[-3000:]
+    after = snapshot(work.root)
+    assert all(after.get(k) == v for k, v in before.items())
+    assert not (set(after) - set(before))
