@@ -385,7 +385,7 @@ class BackoffNgramMixer(_MixerAPI):
             tc = self.table.counts_at(slot.view(-1)).view(M, K1)
             self._memo = (torch.cat([cand, rev_x], 1), hi, lo, F.pad(slot, (1, 0), value=-1))
             prev = torch.zeros(M, dtype=torch.bool, device=self.device)
-            prev[1:] = (t_in[1:] > 0) & (cand[:-1, 0] == rev_x[1:, 0])      # row m-1 is x_t's predecessor
+            prev[1:] = (t_in[1:] > t_in[:-1]) & (cand[:-1, 0] == rev_x[1:, 0])   # row m-1: same row, y = x_t
             cc = self._context_counts(rev_x, avail, rows=(~prev).nonzero().squeeze(1))
             cc[1:, 1:] = torch.where(prev[1:, None], tc[:-1, :-1], cc[1:, 1:])
             tcnt = tc[:, None, :]

@@ -95,6 +95,14 @@ def test_score_is_minus_log_distribution(rule):
     nll = m.score(logits, x, y)
     ref = -torch.log(p.gather(-1, y[..., None]).squeeze(-1))
     assert torch.allclose(nll.double(), ref, atol=1e-5)
+    # batch rows with leading context columns; row 1 starts with row 0's last target
+    x = torch.stack([s[600:650], torch.cat([s[700:704], s[650:696]])])
+    y = torch.stack([s[605:651], s[651:697]])
+    assert x[1, 4] == y[0, -1]
+    logits = torch.randn(2, 46, 32, generator=g)
+    ref = -torch.log(m.distribution(logits, x).gather(-1, y[..., None]).squeeze(-1))
+    nll = m.score(logits, x, y)
+    assert torch.allclose(nll.double(), ref, atol=1e-5)
     # the gathered path the distributed eval uses
     logp = torch.log_softmax(logits, -1)
     H = -(logp.exp() * logp).sum(-1)
