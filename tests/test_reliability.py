@@ -113,6 +113,9 @@ CASES = {
                                   "different config"),
     "artifact_other_config_tensors": (other_meta_artifact, "does not fit"),
     "kg_payload_corrupt": (corrupt_kg, "kg_data"),
+    "eval_dump_unwritable": (lambda w: (w.root / "afile").write_bytes(b"x") and {"EVAL_DUMP": str(w.root / "afile" / "d.npz")},
+                             "EVAL_DUMP"),  # refused before training, not after the evaluation
+    "eval_dump_is_dir": (lambda w: {"EVAL_DUMP": str(w.data)}, "EVAL_DUMP"),
 }
 
 
