@@ -29,6 +29,15 @@ rule="dirichlet" (hierarchical Dirichlet / PPM-style interpolation of every orde
 Each level is a convex combination of proper distributions, so sum_v p(v) = 1 exactly for both
 rules, and p(y) needs only p_net(y) and H: the distributed evaluation gathers just those two
 numbers per position (`score_from_net`). Row t uses only the stream, x_{..t} and y_t.
+The default rule is "dirichlet" (beta = 8): it beat "backoff" on held-out text (docs/mixer.md).
+
+Storage. Every gram of length 2..max_order that occurred is one row (hi, lo, count) of a linear-
+probing table; its key is the gram's tokens themselves (b = ceil(log2 V) bits each: the newest
+63 // b in lo, a 5-bit length tag and the older ones in hi), so V = 1024 allows max_order <= 11
+and lookups compare the whole key: no collisions. Unigram counts are a dense [V] vector.
+score() looks up the target gram of every order in one batch; the context counts of row t are
+the target counts of row t-1 (y_{t-1} = x_t), and the slots found are kept so that the
+update() that follows with the same tokens only probes for grams that were absent.
 
 `HashedTargetOnlyMixer` re-implements the record's rule as it was built: per order a context
 hash table and a context+target hash table of `buckets` counters, and only the target's ratio
@@ -95,9 +104,7 @@ class _MixerAPI:
         _check_tokens(x, self.V, "x")
         _check_tokens(y, self.V, "y")
         B, T = y.shape
-        if x.shape[0] != B or x.shape[1] < T:
-            raise ValueError(f"x {tuple(x.shape)} must be [B, P+T] for y {tuple(y.shape)}")
-        rev_x, t_in = self._rows(x, T)
+        rev_x, t_in = self._rows(x, B, T)
         p = self._mix(logp_y.to(self.device).double().exp().reshape(B * T, 1),
                       entropy.to(self.device).double().reshape(B * T), rev_x, t_in, y.reshape(B * T, 1))
         return (-torch.log(p)).reshape(B, T).to(logp_y.dtype)
@@ -110,7 +117,7 @@ class _MixerAPI:
         logp, H = _net_stats(logits.to(self.device))
         B, T, V = logp.shape
         pnet, H = logp.double().exp().reshape(B * T, V), H.double().reshape(B * T)
-        rev_x, t_in = self._rows(x, T)
+        rev_x, t_in = self._rows(x, B, T)
         cand = torch.arange(V, device=self.device).expand(B * T, V)
         out = torch.empty(B * T, V, dtype=torch.float64, device=self.device)
         for i in range(0, B * T, rows_per_call):
@@ -118,10 +125,12 @@ class _MixerAPI:
             out[r] = self._mix(pnet[r], H[r], rev_x[r], t_in[r], cand[r])
         return out.reshape(B, T, V)
 
-    def _rows(self, x, T):
+    def _rows(self, x, B, T):
         """x [B, P+T] -> contexts rev_x [B*T, max_order-1] (newest first) and t_in [B*T], the
         index of x_t in its row (a context of k tokens exists iff t_in >= k-1)."""
-        B, W = x.shape
+        if x.dim() != 2 or x.shape[0] != B or x.shape[1] < T:
+            raise ValueError(f"x {tuple(x.shape)} must be [B, P+T] for B={B}, T={T}")
+        W = x.shape[1]
         t_in = (W - T) + torch.arange(T, device=self.device).repeat(B)
         return _rev_windows(x, T, self.max_order - 1), t_in
 
@@ -266,11 +275,14 @@ class _ExactTable:
 # -----------------------------------------------------------------------------
 
 class BackoffNgramMixer(_MixerAPI):
+    """score(logits, x, y) / score_from_net(logp_y, H, x, y) -> NLL [B,T] (state unchanged);
+    distribution(logits, x) -> [B,T,V]; update(tokens) appends to the stream. See module doc."""
     RULES = ("backoff", "dirichlet")
 
     def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
                  alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
-                 device="cpu", rule: str = "dirichlet", beta: float = 8.0):
+                 device="cpu", rule: str = "dirichlet", beta: float = 8.0, expected_tokens: int = 0):
+        """expected_tokens: stream length to pre-size the gram table for (grown on demand anyway)."""
         if max_order < 2:
             raise ValueError(f"max_order must be >= 2, got {max_order}")
         if min_count < 1:
@@ -291,7 +303,8 @@ class BackoffNgramMixer(_MixerAPI):
         self._is_lo = j < self.k_lo
         self._sh_lo = torch.where(self._is_lo, self.b * j, 0)
         self._sh_hi = torch.where(self._is_lo, 0, 5 + self.b * (j - self.k_lo))
-        self.table = _ExactTable(self.device)                 # grams of length 2..max_order
+        grams = 2 * (max_order - 1) * expected_tokens                       # slots at load <= 1/2
+        self.table = _ExactTable(self.device, max(16, grams.bit_length()))   # grams of length 2..max_order
         self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
         self.N = 0
         self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)   # last max_order-1 tokens

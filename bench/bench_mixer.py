@@ -1,8 +1,13 @@
 """Streaming score+update throughput: exact BackoffNgramMixer vs the record's hashed rule.
 
-Both mixers see the same stream in the same order: for each chunk, score(logits, x, y) on the
-chunk (x = chunk, y = next tokens, P = max_order-1 columns of preceding context) and then
-update(chunk). Prints tokens/s for each, their ratio and peak memory (RSS, or CUDA peak).
+Both mixers see the same stream in the same order: for each chunk, score the chunk (x = chunk
+with P = max_order-1 columns of preceding context, y = next tokens), then update() with the
+scored tokens. Two scoring modes, each timed for both mixers:
+  net   score_from_net(log p(y), H, x, y): the mixer's own work (what the distributed eval calls)
+  logits score(logits, x, y): also log_softmax + entropy of [chunk, 1024] logits (same for both)
+Tables are allocated before the clock starts: the hashed rule's fixed 2 x 9 x 4,194,304 counters,
+the exact table pre-sized with expected_tokens = stream length (2 (max_order-1) slots per token).
+Prints tokens/s, the ratio exact/hashed, mixer state size and peak RSS (or CUDA peak).
 
     python bench/bench_mixer.py [--tokens N] [--chunk 4096] [--shard PATH] [--device cpu]
 """
@@ -19,15 +24,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from backoff_mixer import BackoffNgramMixer, HashedTargetOnlyMixer, read_shard, zipf_stream  # noqa: E402
 
 
-def run(mixer, stream, chunk, P, V, device, logits_cache):
+def run(mixer, stream, chunk, P, device, logits, mode):
+    logp = torch.log_softmax(logits, -1)
+    H = -(logp.exp() * logp).sum(-1)
     t0 = time.perf_counter()
     nll_sum, done = 0.0, 0
     for s in range(P, stream.numel() - 1, chunk):
         e = min(s + chunk, stream.numel() - 1)
         x = stream[s - P:e][None]
         y = stream[s + 1:e + 1][None]
-        logits = logits_cache[: e - s][None]
-        nll_sum += float(mixer.score(logits, x, y).sum())
+        if mode == "logits":
+            nll = mixer.score(logits[: e - s][None], x, y)
+        else:
+            lp_y = logp[torch.arange(e - s, device=device), y[0]]
+            nll = mixer.score_from_net(lp_y[None], H[None, : e - s], x, y)
+        nll_sum += float(nll.sum())
         mixer.update(stream[done:e + 1])   # everything up to the last scored target
         done = e + 1
     if device.type == "cuda":
@@ -42,7 +53,8 @@ def main():
     ap.add_argument("--max-order", type=int, default=10)
     ap.add_argument("--shard", default=None, help="competition .bin shard (default: synthetic Zipf stream)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--modes", default="net,logits", help="comma list of: net, logits")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,25 +65,26 @@ def main():
     P = args.max_order - 1
     print(f"stream {stream.numel():,} tokens ({'shard ' + args.shard if args.shard else 'synthetic Zipf'}), "
           f"chunk {args.chunk}, orders 2..{args.max_order}, device {dev}, threads {torch.get_num_threads()}")
-    res = {}
-    for name, make in [
-        ("hashed target-only (record, 4,194,304 buckets/order)",
-         lambda: HashedTargetOnlyMixer(V, args.max_order, device=dev)),
-        ("exact BackoffNgramMixer rule=backoff", lambda: BackoffNgramMixer(V, args.max_order, device=dev)),
-    ]:
-        m = make()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sec, nll = run(m, stream, args.chunk, P, V, dev, logits)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        res[name] = stream.numel() / sec
-        print(f"{name:55s} {res[name]:>10,.0f} tok/s {sec:6.2f} s  state {m.memory_bytes() / 2**20:6,.0f} MiB"
-              f"  peak {'CUDA' if dev.type == 'cuda' else 'RSS so far'} {peak:,.0f} MiB"
-              f"  mean nll {nll / (stream.numel() - P - 1):.4f}")
-        del m
-    a, b = res.values()
-    print(f"speed ratio exact / hashed: {b / a:.2f}x")
+    for mode in args.modes.split(","):
+        res = {}
+        for name, make in [
+            ("hashed target-only (record, 4,194,304 buckets/order)",
+             lambda: HashedTargetOnlyMixer(V, args.max_order, device=dev)),
+            ("exact BackoffNgramMixer rule=backoff", lambda: BackoffNgramMixer(V, args.max_order, device=dev, rule="backoff", expected_tokens=stream.numel())),
+            ("exact BackoffNgramMixer rule=dirichlet", lambda: BackoffNgramMixer(V, args.max_order, device=dev, rule="dirichlet", expected_tokens=stream.numel())),
+        ]:
+            m = make()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sec, nll = run(m, stream, args.chunk, P, dev, logits, mode)
+            peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            res[name] = stream.numel() / sec
+            print(f"[{mode:6s}] {name:52s} {res[name]:>9,.0f} tok/s {sec:6.2f} s  state {m.memory_bytes() / 2**20:5,.0f} MiB"
+                  f"  peak {'CUDA' if dev.type == 'cuda' else 'RSS so far'} {peak:,.0f} MiB  mean nll {nll / (stream.numel() - P - 1):.4f}")
+            del m
+        rates = list(res.values())
+        print(f"[{mode:6s}] speed ratio exact/hashed: backoff {rates[1] / rates[0]:.2f}x, dirichlet {rates[2] / rates[0]:.2f}x")
 
 
 if __name__ == "__main__":

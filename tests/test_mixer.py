@@ -249,6 +249,8 @@ def test_validation_errors():
             m.distribution(torch.zeros(1, 2, 7), torch.tensor([[1, 2]]))
         with pytest.raises(ValueError, match="token"):
             m.score(torch.zeros(1, 2, 8), torch.tensor([[1, 9]]), torch.tensor([[2, 3]]))
+        with pytest.raises(ValueError, match="P\\+T"):
+            m.score(torch.zeros(1, 3, 8), torch.tensor([[1, 2]]), torch.tensor([[2, 3, 4]]))
     with pytest.raises(ValueError, match="rule"):
         BackoffNgramMixer(vocab_size=8, rule="kneser")
 
