@@ -99,7 +99,7 @@ class _MixerAPI:
         return self.score_from_net(logp_y, H, x, y)
 
     def score_from_net(self, logp_y, entropy, x, y):
-        """log p_net(y) [B,T], H [B,T], x [B,P+T], y [B,T] -> [B,T] NLL in nats."""
+        """log p_net(y) [B,T], H [B,T], x [B,P+T], y [B,T] -> [B,T] NLL in nats (at least fp32)."""
         x, y = x.to(self.device).long(), y.to(self.device).long()
         _check_tokens(x, self.V, "x")
         _check_tokens(y, self.V, "y")
@@ -107,7 +107,7 @@ class _MixerAPI:
         rev_x, t_in = self._rows(x, B, T)
         p = self._mix(logp_y.to(self.device).double().exp().reshape(B * T, 1),
                       entropy.to(self.device).double().reshape(B * T), rev_x, t_in, y.reshape(B * T, 1))
-        return (-torch.log(p)).reshape(B, T).to(logp_y.dtype)
+        return (-torch.log(p)).reshape(B, T).to(torch.promote_types(logp_y.dtype, torch.float32))
 
     def distribution(self, logits, x, rows_per_call: int = 256):
         """[B,T,V], [B,P+T] -> [B,T,V]: the full distribution whose value at y score() returns."""
