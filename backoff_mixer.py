@@ -355,20 +355,11 @@ class BackoffNgramMixer(_MixerAPI):
             out[:, :L] = (rev_x[:, :L] == self.tail.flip(0)[:L]).long().cummin(1).values
         return out
 
-    def _context_counts(self, rev_x, avail, rows=None):
-        """c_n(ctx_n) for n = 2..max_order -> [M, K1] (column n-2); 0 where unavailable.
-        rows: only look up those rows (others are left 0 for the caller to fill)."""
-        M, K1 = rev_x.shape
-        cc = torch.zeros(M, K1, dtype=torch.int64, device=self.device)
-        cc[:, 0] = self.uni[rev_x[:, 0]]
-        if K1 > 1:
-            r = torch.arange(M, device=self.device) if rows is None else rows
-            hi, lo = self._keys(rev_x[r])
-            sel = avail[r, 1:]
-            sub = torch.zeros(r.numel(), K1 - 1, dtype=torch.int64, device=self.device)
-            sub[sel] = self.table.count(hi[:, 1:][sel], lo[:, 1:][sel])
-            cc[r, 1:] = sub
-        return cc
+    def _context_counts(self, rev_x, avail):
+        """c(ctx) of the contexts of n-1 = 1..max_order-1 tokens -> [M, K1]; 0 where unavailable."""
+        hi, lo = self._keys(rev_x)
+        cc = torch.cat([self.uni[rev_x[:, :1]], self.table.count(hi[:, 1:].reshape(-1), lo[:, 1:].reshape(-1)).view(hi.shape[0], -1)], 1)
+        return cc * avail
 
     def _target_counts(self, rev_x, cand, need):
         """c_n(ctx_n, v) for candidates cand [M, C] -> [M, C, K1] (column n-2), looked up where
@@ -391,16 +382,21 @@ class BackoffNgramMixer(_MixerAPI):
         K1 = self.max_order - 1
         avail = t_in[:, None] >= torch.arange(K1, device=self.device)   # ctx of j+1 tokens fits
         if C == 1:
-            hi, lo = self._keys(torch.cat([cand, rev_x], 1))             # [M, K]: lengths 1..K
-            sel = avail.clone()
-            slot = torch.full((M, K1), -1, dtype=torch.int64, device=self.device)
-            slot[sel] = self.table._find(hi[:, 1:][sel], lo[:, 1:][sel], insert=False)
-            tc = self.table.counts_at(slot.view(-1)).view(M, K1)
-            self._memo = (torch.cat([cand, rev_x], 1), hi, lo, F.pad(slot, (1, 0), value=-1))
+            toks = torch.cat([cand, rev_x], 1)
+            hi, lo = self._keys(toks)                                    # [M, K]: lengths 1..K
             prev = torch.zeros(M, dtype=torch.bool, device=self.device)
             prev[1:] = (t_in[1:] > t_in[:-1]) & (cand[:-1, 0] == rev_x[1:, 0])   # row m-1: same row, y = x_t
-            cc = self._context_counts(rev_x, avail, rows=(~prev).nonzero().squeeze(1))
-            cc[1:, 1:] = torch.where(prev[1:, None], tc[:-1, :-1], cc[1:, 1:])
+            r = (~prev).nonzero().squeeze(1)                             # rows needing own context lookup
+            chi, clo = self._keys(rev_x.index_select(0, r))
+            found = self.table._find(torch.cat([hi[:, 1:].reshape(-1), chi[:, 1:].reshape(-1)]),
+                                     torch.cat([lo[:, 1:].reshape(-1), clo[:, 1:].reshape(-1)]), insert=False)
+            slot = found[: M * K1].view(M, K1)
+            self._memo = (toks, hi, lo, F.pad(slot, (1, 0), value=-1))
+            tc = self.table.counts_at(found[: M * K1]).view(M, K1) * avail
+            cc = torch.zeros(M, K1, dtype=torch.int64, device=self.device)
+            cc[:, 0] = self.uni[rev_x[:, 0]]
+            cc[1:, 1:] = tc[:-1, :-1]
+            cc[:, 1:].index_copy_(0, r, self.table.counts_at(found[M * K1:]).view(-1, K1 - 1))
             tcnt = tc[:, None, :]
         else:
             cc = self._context_counts(rev_x, avail)
@@ -435,10 +431,12 @@ _PRIMES = [36313, 27191, 51647, 81929, 131071, 174763, 233017, 299993, 350377, 4
 
 class HashedTargetOnlyMixer(_MixerAPI):
     """Per order n = 2..max_order: ctx_counts[n][h(ctx)] and full_counts[n][h(ctx, y)] in flat
-    tables of `buckets` counters, g(ctx) = XOR_k ctx_k * prime_k, h(ctx) = g(ctx) mod buckets and
-    h(ctx, y) = (g(ctx) XOR y * prime_{n-1}) mod buckets (a mask when buckets is a power of 2). The claimed p_ng(y) at the highest order
-    with ctx count >= min_count is min(full, ctx) / ctx (clipped to [0, 1]), else the add-one
-    unigram. Summed over y it is not 1; see the module docstring."""
+    tables of `buckets` float counters, g(ctx) = XOR_k ctx_k * prime_k, h(ctx) = g(ctx) mod
+    buckets, h(ctx, y) = (g(ctx) XOR y * prime_{n-1}) mod buckets (a mask for powers of 2).
+    The claimed p_ng(y) at the highest order with ctx count >= min_count is min(full, ctx) / ctx
+    (clipped to [0, 1]), else the add-one unigram; mixed with the same alpha(H). Summed over y it
+    is not 1 (module docstring). Unlike the record, grams spanning two update() calls are
+    counted, so both mixers see the same grams."""
 
     def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
                  alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
@@ -463,11 +461,11 @@ class HashedTargetOnlyMixer(_MixerAPI):
         """rev [..., >=n-1] newest first -> hash of the n-1 context tokens."""
         h = rev[..., 0] * _PRIMES[0]
         for k in range(1, n - 1):
-            h = h ^ (rev[..., k] * _PRIMES[k])
+            h = h ^ (rev[..., k] * _PRIMES[k % len(_PRIMES)])
         return h
 
     def _full_hash(self, hctx, y, n):
-        return self._bucket(hctx ^ (y * _PRIMES[n - 1]))
+        return self._bucket(hctx ^ (y * _PRIMES[(n - 1) % len(_PRIMES)]))
 
     def _bucket(self, h):
         b = self.buckets
