@@ -25,6 +25,15 @@ from train_gpt import GPT, Hyperparameters
 LN2 = math.log(2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight the CLI subprocesses for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_args(**over) -> Hyperparameters:
     env = dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", VE_LAYERS="1", XSA_LAST_N="1",
                BIGRAM_DIM="8", VE_DIM="8", ROPE_DIMS="8", MTP_NUM_HEADS="0", EVAL_SEQ_LEN="32", EVAL_STRIDE="8",
@@ -237,15 +246,20 @@ def trained(tmp_path_factory, sample_paths):
     root = tmp_path_factory.mktemp("eval_cli")
     data = make_dataset(root / "data", sample_paths)
     env = tiny_env_for(data, sample_paths)
-    train = run_cli(env, root, RUN_ID="train", EVAL_DUMP="train.npz")
+    code = root / "code"  # a frozen copy: sizes stay what the runs saw while the repo is being edited
+    code.mkdir()
+    for f in ("train_gpt.py", "backoff_mixer.py", "kg_data.py"):
+        shutil.copy(ROOT / f, code / f)
+    train = run_cli(env, root, script=code / "train_gpt.py", RUN_ID="train", EVAL_DUMP="train.npz")
     assert train.returncode == 0, train.stderr[-3000:]
     artifact = root / "artifacts" / "train.ptz"
-    return types.SimpleNamespace(root=root, data=data, env=env, train=train, artifact=artifact, sample=sample_paths)
+    return types.SimpleNamespace(root=root, data=data, env=env, train=train, artifact=artifact, sample=sample_paths,
+                                 code=code)
 
 
 def eval_only(t, run_id, data=None, **extra):
     env = tiny_env_for(data or t.data, t.sample)
-    p = run_cli(env, t.root, RUN_ID=run_id, EVAL_ONLY=1, ARTIFACT=str(t.artifact), EVAL_DUMP=f"{run_id}.npz", **extra)
+    p = run_cli(env, t.root, script=t.code / "train_gpt.py", RUN_ID=run_id, EVAL_ONLY=1, ARTIFACT=str(t.artifact), EVAL_DUMP=f"{run_id}.npz", **extra)
     assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
     return p, np.load(t.root / f"{run_id}.npz")
 
@@ -256,7 +270,7 @@ def test_total_size_line_adds_up(trained):
     files = log_value(out, "code_bytes:", "files").split(",")
     names = [f.split("=")[0] for f in files]
     assert "train_gpt.py" in names
-    code = sum(Path(ROOT / n).stat().st_size for n in names)
+    code = sum((trained.code / n).stat().st_size for n in names)
     assert total == trained.artifact.stat().st_size + code
     m = re.search(r"^serialized_model_int6_lzma:(\d+) bytes path:(\S+)$", out, re.M)
     assert int(m.group(1)) == trained.artifact.stat().st_size and (trained.root / m.group(2)) == trained.artifact
@@ -267,7 +281,7 @@ def test_size_counts_mixer_file_when_used(trained):
     names = [f.split("=")[0] for f in log_value(p.stdout, "code_bytes:", "files").split(",")]
     assert names == ["train_gpt.py", "backoff_mixer.py"]
     total = int(re.search(r"Total submission size int6\+lzma: (\d+) bytes", p.stdout).group(1))
-    assert total == trained.artifact.stat().st_size + sum((ROOT / n).stat().st_size for n in names)
+    assert total == trained.artifact.stat().st_size + sum((trained.code / n).stat().st_size for n in names)
 
 
 def independent_bytes(tokens: list[int], sp) -> np.ndarray:
@@ -350,7 +364,7 @@ def test_two_gloo_ranks_score_like_one(trained):
     env = dict(tiny_env_for(trained.data, trained.sample), RUN_ID="two", EVAL_ONLY="1", ARTIFACT=str(trained.artifact),
                EVAL_DUMP="two.npz")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "train_gpt.py")], cwd=trained.root, env=env, capture_output=True, text=True,
+                        str(trained.code / "train_gpt.py")], cwd=trained.root, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "world_size:2 backend:gloo" in p.stdout
