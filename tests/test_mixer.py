@@ -265,3 +265,22 @@ def test_cuda_matches_cpu(rule):
     g.update(s[:4000].cuda())
     x, y, logits = s[4000:4500][None], s[4001:4501][None], torch.randn(1, 500, 64)
     assert torch.allclose(c.score(logits, x, y), g.score(logits.cuda(), x.cuda(), y.cuda()).cpu(), atol=1e-5)
+
+
+def test_table_exact_under_worst_case_collisions():
+    from backoff_mixer import _ExactTable
+
+    class OneHome(_ExactTable):                      # every key hashes to a slot near the end
+        def _hash(self, hi, lo):
+            return hi * 0 + (self.mask - 3)
+
+    t = OneHome("cpu", log2cap=4)
+    hi = torch.arange(1, 8)
+    lo = torch.tensor([5, 5, 7, 7, 9, 9, 11])        # equal lo, different hi: must not merge
+    t.add(hi, lo)                                    # 7 keys: probing wraps past the last slot
+    t.add(hi[:3], lo[:3])                            # 10 > 16/2: rebuild, placement wraps again
+    assert t.mask + 1 == 32 and t.size == 7
+    assert t.count(hi, lo).tolist() == [2, 2, 2, 1, 1, 1, 1]
+    assert t.count(torch.tensor([1, 8]), torch.tensor([6, 5])).tolist() == [0, 0]
+    t.add(torch.tensor([4, 4, 4]), torch.tensor([7, 7, 7]))   # duplicates within one batch
+    assert t.count(torch.tensor([4]), torch.tensor([7])).tolist() == [4]
