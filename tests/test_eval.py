@@ -276,6 +276,14 @@ def test_total_size_line_adds_up(trained):
     assert int(m.group(1)) == trained.artifact.stat().st_size and (trained.root / m.group(2)) == trained.artifact
 
 
+def test_cli_roundtrip_loss_close_to_post_ema(trained):
+    """Same windows (TRAIN_SEQ_LEN == EVAL_SEQ_LEN here): the exported model's loss is within ROUNDTRIP_TOL."""
+    out = trained.train.stdout
+    post = float(log_value(out, "post_ema", "val_loss"))
+    rt = float(log_value(out, "final_int6_roundtrip_exact", "val_loss"))
+    assert abs(rt - post) < ROUNDTRIP_TOL, (post, rt)
+
+
 def test_size_counts_mixer_file_when_used(trained):
     p, _ = eval_only(trained, "sizemix", USE_NGRAM_MIXER=1)
     names = [f.split("=")[0] for f in log_value(p.stdout, "code_bytes:", "files").split(",")]

@@ -67,6 +67,15 @@ def other_meta_artifact(w):
     return {"EVAL_ONLY": "1", "ARTIFACT": str(path), "MODEL_DIM": "128"}  # matches the edited meta
 
 
+def vocab512_artifact(w):
+    """A well-formed artifact of a 512-token model: the 1024-token tokenizer does not match it."""
+    env = {k: v for k, v in w.env.items() if k in {n for n, _, _ in train_gpt.HPARAMS}}
+    args = train_gpt.Hyperparameters(dict(env, VOCAB_SIZE="512"), preset="cpu")
+    path = w.root / "v512.ptz"
+    path.write_bytes(train_gpt.serialize_artifact(train_gpt.GPT(args), args))
+    return {"EVAL_ONLY": "1", "ARTIFACT": str(path)}
+
+
 def corrupt_kg(w):
     """A copy of the code whose kg_data payload is damaged (the base64 is cut short)."""
     code = w.root / "code"
@@ -112,6 +121,7 @@ CASES = {
     "artifact_other_config_env": (lambda w: {"EVAL_ONLY": "1", "ARTIFACT": str(w.base.artifact), "MODEL_DIM": "128"},
                                   "different config"),
     "artifact_other_config_tensors": (other_meta_artifact, "does not fit"),
+    "artifact_vocab_vs_tokenizer": (vocab512_artifact, "VOCAB_SIZE=512"),
     "kg_payload_corrupt": (corrupt_kg, "kg_data"),
     "eval_dump_unwritable": (lambda w: (w.root / "afile").write_bytes(b"x") and {"EVAL_DUMP": str(w.root / "afile" / "d.npz")},
                              "EVAL_DUMP"),  # refused before training, not after the evaluation
@@ -274,3 +284,35 @@ def test_one_rank_failing_stops_all_ranks(work):
     after = snapshot(work.root)
     assert all(after.get(k) == v for k, v in before.items())
     assert not (set(after) - set(before))
+
+
+RANK1_CRASH = '''"""Test harness only: rank 1 raises at its 12th training micro-batch; the rest is the real train_gpt.main()."""
+import os, sys
+sys.path.insert(0, os.environ["PGOLF_ROOT"])
+import train_gpt
+if os.environ.get("RANK") == "1":
+    orig, calls = train_gpt.DistributedTokenLoader.next_batch, [0]
+    def next_batch(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 12:
+            raise RuntimeError("injected rank-1 failure")
+        return orig(self, *a, **k)
+    train_gpt.DistributedTokenLoader.next_batch = next_batch
+sys.exit(train_gpt.main())
+'''
+
+
+def test_rank1_crash_mid_training_stops_all_ranks(work):
+    """Rank 1 crashes mid-step while rank 0 waits in the loss all-reduce: gloo sees the peer gone and every
+    rank exits long before COLLECTIVE_TIMEOUT_SECONDS, with rank 1's message visible and no artifact."""
+    wrapper = work.root / "rank1_crash.py"
+    wrapper.write_text(RANK1_CRASH)
+    env = dict(work.env, RUN_ID="r1", ITERATIONS="100000", COLLECTIVE_TIMEOUT_SECONDS="90", PGOLF_ROOT=str(ROOT))
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(wrapper)], cwd=work.root, env=env, capture_output=True, text=True, timeout=150)
+    seconds, out = time.perf_counter() - t0, p.stdout + p.stderr
+    assert p.returncode != 0 and "injected rank-1 failure" in out, out[-3000:]
+    assert seconds < 60, f"ranks took {seconds:.0f}s to exit"
+    assert "step:2/100000 train_loss" in (work.root / "logs" / "r1.txt").read_text()  # rank 0's log kept
+    assert sorted(os.listdir(work.root / "artifacts")) == ["old.ptz"]
