@@ -402,24 +402,87 @@ class BackoffNgramMixer(_MixerAPI):
             cc = self._context_counts(rev_x, avail)
             tcnt = None
         cc = (cc - self._suffix_match(rev_x)) * avail
-        a = _alpha(H, *self.alpha)[:, None]
         p1 = (self.uni[cand].double() + 1.0) / (self.N + self.V)
+        if tcnt is None:
+            return self._combine(pnet, H, cc, p1, lambda need: self._target_counts(rev_x, cand, need))
+        return self._combine(pnet, H, cc, p1, lambda need: tcnt)
+
+    def _combine(self, pnet, H, cc, p1, target_counts):
+        """The rules. pnet, p1 [M, C]; cc [M, K1] context counts (0 where unavailable);
+        target_counts(need [M, K1]) -> c_n(ctx, cand) [M, C, K1], needed only where `need`."""
+        K1 = self.max_order - 1
+        a = _alpha(H, *self.alpha)[:, None]
         ok = cc >= self.min_count
         if self.rule == "backoff":
             n_star = torch.where(ok.any(1), K1 - ok.flip(1).long().argmax(1), 0) + 1   # 1: no order
             need = F.one_hot((n_star - 2).clamp(min=0), K1).bool() & (n_star >= 2)[:, None]
-            if tcnt is None:
-                tcnt = self._target_counts(rev_x, cand, need)
-            c_ng = (tcnt * need[:, None, :]).sum(-1).double()
+            c_ng = (target_counts(need) * need[:, None, :]).sum(-1).double()
             c_ctx = (cc * need).sum(-1, keepdim=True).double()
             p_ng = torch.where((n_star >= 2)[:, None], c_ng / c_ctx.clamp(min=1), p1)
             return (1 - a) * pnet + a * p_ng
-        if tcnt is None:
-            tcnt = self._target_counts(rev_x, cand, ok)
-        q = p1
+        tcnt, q = target_counts(ok), p1
         for j in range(K1):
             q = torch.where(ok[:, j:j + 1], (tcnt[:, :, j] + self.beta * q) / (cc[:, j:j + 1] + self.beta), q)
         return (1 - a) * pnet + a * q
+
+    # --- whole-stream path ------------------------------------------------------------------
+    def score_stream(self, tokens, logp_y, entropy, chunk: int):
+        """NLL [N-1] (nats) of the targets tokens[1:] of a whole known stream, bitwise what this
+        mixer's settings give streaming from an empty state: update(tokens[:1]), then for each
+        chunk of `chunk` targets: score_from_net with full contexts, update(those targets).
+        So target i is scored against the history tokens[0 .. h_i - 1], h_i = the position of
+        the first target of its chunk. logp_y, entropy: [N-1]. Uses no state, changes none.
+        Counts come from one stable sort per gram length: sorted by (key, position), the history
+        count of the gram at p is the number of its group's members before p's own chunk (for
+        contexts, chunks shifted by one position since they end at the input token)."""
+        s = tokens.to(self.device).long().reshape(-1)
+        _check_tokens(s, self.V, "tokens")
+        N, K = s.numel(), self.max_order
+        if chunk < 1 or N < 2 or logp_y.numel() != N - 1 or entropy.numel() != N - 1:
+            raise ValueError(f"need chunk >= 1, N >= 2 tokens and N-1 logp_y/entropy, got {chunk}, {N}, "
+                             f"{logp_y.numel()}, {entropy.numel()}")
+        pos = torch.arange(N, device=self.device)
+        i = pos[1:]                                                      # target positions
+        h = ((i - 1) // chunk) * chunk + 1                               # history size at scoring
+        tc = torch.zeros(N - 1, K, dtype=torch.int64, device=self.device)   # c(gram of L ending at i), L = col+1
+        cc = torch.zeros(N - 1, K - 1, dtype=torch.int64, device=self.device)   # followed c(gram of L ending at i-1)
+        hi = torch.zeros(N, dtype=torch.int64, device=self.device)
+        lo = torch.zeros(N, dtype=torch.int64, device=self.device)
+        o_lo = None
+        for L in range(1, K + 1):
+            j = L - 1
+            older = F.pad(s, (j, 0))[:N]                                 # s[p - j] (0 before the start)
+            fit = pos >= j                                               # gram of length L ends at p
+            if self._is_lo[j]:        # hi is just the length tag: sort by lo (non-fitting: own keys)
+                lo = lo + (older << self._sh_lo[j])
+                ka = kb = torch.where(fit, lo, -1 - pos)
+                o = torch.argsort(ka, stable=True)
+            else:                     # lo (the newest tokens) no longer changes: sort it once
+                hi = hi + (older << self._sh_hi[j])
+                ka, kb = torch.where(fit, hi + L, -1), lo
+                o_lo = torch.argsort(lo, stable=True) if o_lo is None else o_lo
+                o = o_lo[torch.argsort(ka[o_lo], stable=True)]
+            sa, sb = ka[o], kb[o]
+            new = torch.ones(N, dtype=torch.bool, device=self.device)
+            new[1:] = (sa[1:] != sa[:-1]) | (sb[1:] != sb[:-1])
+            gstart = torch.where(new, pos, 0).cummax(0).values           # group start, in sorted order
+
+            def count(cid):   # per position p: #{p' before p's chunk cid(p): key(p') = key(p)}
+                c = cid[o]
+                sub = new.clone()
+                sub[1:] |= c[1:] != c[:-1]
+                out = torch.empty(N, dtype=torch.int64, device=self.device)
+                out[o] = torch.where(sub, pos, 0).cummax(0).values - gstart
+                return out
+
+            tc[:, j] = count(torch.div(pos - 1, chunk, rounding_mode="floor"))[1:] * (i >= j)
+            if L < K:
+                cc[:, j] = count(torch.div(pos, chunk, rounding_mode="floor"))[:-1] * (i - 1 >= j)
+        pnet = logp_y.to(self.device).double().exp().reshape(-1, 1)
+        p1 = (tc[:, :1].double() + 1.0) / (h[:, None] + self.V)
+        p = self._combine(pnet, entropy.to(self.device).double().reshape(-1), cc, p1,
+                          lambda need: tc[:, None, 1:])
+        return (-torch.log(p)).reshape(-1).to(torch.promote_types(logp_y.dtype, torch.float32))
 
 
 # -----------------------------------------------------------------------------

@@ -284,3 +284,26 @@ def test_table_exact_under_worst_case_collisions():
     assert t.count(torch.tensor([1, 8]), torch.tensor([6, 5])).tolist() == [0, 0]
     t.add(torch.tensor([4, 4, 4]), torch.tensor([7, 7, 7]))   # duplicates within one batch
     assert t.count(torch.tensor([4]), torch.tensor([7])).tolist() == [4]
+
+
+@pytest.mark.parametrize("rule,min_count,chunk,V,K", [("backoff", 1, 97, 24, 6), ("dirichlet", 1, 256, 24, 6),
+                                                      ("backoff", 2, 1, 24, 6), ("dirichlet", 3, 1000, 24, 6),
+                                                      ("backoff", 1, 300, 1024, 10), ("dirichlet", 1, 64, 1024, 10)])
+def test_whole_stream_path_is_bitwise_the_streaming_path(rule, min_count, chunk, V, K):
+    N = 2500                                          # V = 1024, K = 10: keys use both words
+    s = text_like(N, V, 13)
+    g = torch.Generator().manual_seed(14)
+    logp = torch.log_softmax(2 * torch.randn(N - 1, V, generator=g), -1)
+    logp_y = logp.gather(1, s[1:, None]).squeeze(1)
+    H = -(logp.exp() * logp).sum(-1)
+    m = BackoffNgramMixer(vocab_size=V, max_order=K, min_count=min_count, rule=rule)
+    fast = m.score_stream(s, logp_y, H, chunk)
+    assert m.N == 0                                   # no state used or changed
+    m.update(s[:1])
+    out = []
+    for a in range(1, N, chunk):
+        b = min(a + chunk, N)
+        P = min(a - 1, K - 1)
+        out.append(m.score_from_net(logp_y[None, a - 1:b - 1], H[None, a - 1:b - 1], s[None, a - 1 - P:b - 1], s[None, a:b])[0])
+        m.update(s[a:b])
+    assert torch.equal(fast, torch.cat(out))
