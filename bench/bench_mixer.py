@@ -5,6 +5,9 @@ with P = max_order-1 columns of preceding context, y = next tokens), then update
 scored tokens. Two scoring modes, each timed for both mixers:
   net   score_from_net(log p(y), H, x, y): the mixer's own work (what the distributed eval calls)
   logits score(logits, x, y): also log_softmax + entropy of [chunk, 1024] logits (same for both)
+Then, for reference, the exact mixer's whole-stream path score_stream (same numbers as its
+streaming path, bitwise) on the same stream: not a streaming contract, only usable when the
+whole stream is known (the validation set).
 Tables are allocated before the clock starts: the hashed rule's fixed 2 x 9 x 4,194,304 counters,
 the exact table pre-sized with expected_tokens = stream length (2 (max_order-1) slots per token).
 Prints tokens/s, the ratio exact/hashed, mixer state size and peak RSS (or CUDA peak).
@@ -85,6 +88,16 @@ def main():
             del m
         rates = list(res.values())
         print(f"[{mode:6s}] speed ratio exact/hashed: backoff {rates[1] / rates[0]:.2f}x, dirichlet {rates[2] / rates[0]:.2f}x")
+    logp = torch.log_softmax(logits, -1)
+    idx = torch.arange(stream.numel() - 1, device=dev) % args.chunk
+    lp_y, H = logp[idx, stream[1:]], -(logp.exp() * logp).sum(-1)[idx]
+    for rule in BackoffNgramMixer.RULES:
+        t0 = time.perf_counter()
+        BackoffNgramMixer(V, args.max_order, device=dev, rule=rule).score_stream(stream, lp_y, H, args.chunk)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        print(f"[stream] exact score_stream rule={rule:9s} (whole stream at once) {stream.numel() / sec:>12,.0f} tok/s {sec:6.2f} s")
 
 
 if __name__ == "__main__":
