@@ -29,7 +29,7 @@ rule="dirichlet" (hierarchical Dirichlet / PPM-style interpolation of every orde
 Each level is a convex combination of proper distributions, so sum_v p(v) = 1 exactly for both
 rules, and p(y) needs only p_net(y) and H: the distributed evaluation gathers just those two
 numbers per position (`score_from_net`). Row t uses only the stream, x_{..t} and y_t.
-The default rule is "dirichlet" (beta = 8): it beat "backoff" on held-out text (docs/mixer.md).
+The default rule is "dirichlet" (beta = 32): it beat "backoff" on held-out text (docs/mixer.md).
 
 Storage. Every gram of length 2..max_order that occurred is one row (hi, lo, count) of a linear-
 probing table; its key is the gram's tokens themselves (b = ceil(log2 V) bits each: the newest
@@ -281,7 +281,7 @@ class BackoffNgramMixer(_MixerAPI):
 
     def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
                  alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
-                 device="cpu", rule: str = "dirichlet", beta: float = 8.0, expected_tokens: int = 0):
+                 device="cpu", rule: str = "dirichlet", beta: float = 32.0, expected_tokens: int = 0):
         """expected_tokens: stream length to pre-size the gram table for (grown on demand anyway)."""
         if max_order < 2:
             raise ValueError(f"max_order must be >= 2, got {max_order}")
@@ -573,13 +573,36 @@ class HashedTargetOnlyMixer(_MixerAPI):
 # Audit: does each rule sum to 1 over the vocabulary, and what would it claim?
 # -----------------------------------------------------------------------------
 
-def bigram_proxy(fit: np.ndarray, V: int, k: float = 4.0) -> torch.Tensor:
-    """Neural proxy: log p(v | u) = log (c(u, v) + k p_uni(v)) / (c(u) + k), counts from `fit`
-    (a separate prefix of the stream), p_uni add-one. Returns the [V, V] table of logits."""
-    uni = np.bincount(fit, minlength=V) + 1.0
-    big = np.bincount(fit[:-1].astype(np.int64) * V + fit[1:], minlength=V * V).reshape(V, V)
-    p = (big + k * uni / uni.sum()) / (big.sum(1, keepdims=True) + k)
-    return torch.from_numpy(np.log(p)).float()
+class NgramProxy:
+    """Neural proxy fitted on `fit` (a separate prefix of the stream), never on scored tokens.
+    order 2: p(v|b) = (c(b,v) + 4 p_uni(v)) / (c(b) + 4), p_uni add-one;
+    order 3: p(v|a,b) = (c(a,b,v) + 2 p(v|b)) / (c(a,b) + 2) (the bigram where no a precedes)."""
+
+    def __init__(self, fit: np.ndarray, V: int, order: int = 3):
+        fit = fit.astype(np.int64)
+        self.V, self.order = V, order
+        uni = np.bincount(fit, minlength=V) + 1.0
+        big = np.bincount(fit[:-1] * V + fit[1:], minlength=V * V).reshape(V, V)
+        self.p2 = (big + 4.0 * uni / uni.sum()) / (big.sum(1, keepdims=True) + 4.0)
+        ctx = fit[:-2] * V + fit[1:-1]
+        self.tri, self.tri_c = np.unique(ctx * V + fit[2:], return_counts=True)
+        self.ctx, self.ctx_c = np.unique(ctx, return_counts=True)
+
+    def logits(self, ev: np.ndarray, s: int, e: int) -> torch.Tensor:
+        """[e-s, V] log-probabilities of the tokens after ev[s..e-1]."""
+        t = np.arange(s, e)
+        p = self.p2[ev[t]]
+        if self.order == 3:
+            q = np.where(t >= 1, ev[np.maximum(t - 1, 0)] * self.V + ev[t], -1)
+            lo, hi = np.searchsorted(self.tri // self.V, q), np.searchsorted(self.tri // self.V, q, side="right")
+            ci = np.minimum(np.searchsorted(self.ctx, q), len(self.ctx) - 1)
+            c = np.where(self.ctx[ci] == q, self.ctx_c[ci], 0)
+            rows = np.repeat(np.arange(e - s), hi - lo)
+            idx = np.arange(len(rows)) - np.repeat(np.cumsum(hi - lo) - (hi - lo), hi - lo) + np.repeat(lo, hi - lo)
+            num = np.zeros_like(p)
+            np.add.at(num, (rows, self.tri[idx] % self.V), self.tri_c[idx])
+            p = (num + 2.0 * p) / (c[:, None] + 2.0)
+        return torch.from_numpy(np.log(p)).float()
 
 
 def token_bytes(model_path: str, V: int):
@@ -614,7 +637,8 @@ def audit(args) -> list:
     fit, ev = stream[: args.fit_tokens], stream[args.fit_tokens: args.fit_tokens + args.eval_tokens + 1]
     ev = torch.from_numpy(ev.astype(np.int64))
     E = ev.numel() - 1
-    net = bigram_proxy(fit, V)
+    net = NgramProxy(fit, V, args.proxy_order)
+    evn = ev.numpy()
     buckets = args.buckets or max(1, E // 15)
     kw = dict(vocab_size=V, max_order=args.max_order, min_count=args.min_count)
     mixers = {f"exact {r}": BackoffNgramMixer(**kw, rule=r, beta=args.beta) for r in BackoffNgramMixer.RULES}
@@ -628,7 +652,7 @@ def audit(args) -> list:
     for s in range(0, E, C):
         e = min(s + C, E)
         x, y = ev[max(0, s - P):e][None], ev[s + 1:e + 1][None]
-        logits = net[ev[s:e]][None]
+        logits = net.logits(evn, s, e)[None]
         logp = torch.log_softmax(logits, -1)
         nll["proxy alone"] += float(-logp[0].gather(-1, y[0, :, None]).sum())
         for k, m in mixers.items():
@@ -636,7 +660,7 @@ def audit(args) -> list:
             for t in range(s, e):
                 if t in sample:   # full distribution at row t: input ev[t], context ev[t-P .. t-1]
                     row = ev[max(0, t - P): t + 1][None]
-                    sums[k].append(float(m.distribution(net[ev[t]][None, None], row).sum()))
+                    sums[k].append(float(m.distribution(net.logits(evn, t, t + 1)[None], row).sum()))
             m.update(ev[done:e + 1])
         done = e + 1
     nbytes = None
@@ -646,7 +670,7 @@ def audit(args) -> list:
     for k, v in nll.items():
         s_ = np.array(sums.get(k, [1.0]))
         rows.append((k, s_.min(), s_.mean(), s_.max(), v / E / math.log(2), v / math.log(2) / nbytes if nbytes else None))
-    print(f"stream: {'+'.join(paths) if paths else 'synthetic Zipf'}; proxy fitted on {len(fit):,} tokens; "
+    print(f"stream: {'+'.join(paths) if paths else 'synthetic Zipf'}; order-{args.proxy_order} proxy fitted on {len(fit):,} tokens; "
           f"scored {E:,} tokens in chunks of {C}; orders 2..{args.max_order}; "
           f"hashed load {E / buckets:.1f} tokens/bucket; sum_v p(v) at {len(next(iter(sums.values())))} sampled positions")
     print(f"{'model':52s} {'min sum p':>10s} {'mean sum p':>11s} {'max sum p':>10s} {'bits/tok':>9s} {'BPB':>7s}")
@@ -660,13 +684,14 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("audit", help="sum_v p(v) and claimed bits for the exact rules and the hashed rule")
     a.add_argument("--tokens", default=None, help="shard file or glob (default: synthetic Zipf stream)")
-    a.add_argument("--fit-tokens", type=int, default=400_000, help="stream prefix that fits the bigram proxy")
+    a.add_argument("--fit-tokens", type=int, default=400_000, help="stream prefix that fits the proxy")
+    a.add_argument("--proxy-order", type=int, default=3, choices=(2, 3), help="n-gram proxy for the network")
     a.add_argument("--eval-tokens", type=int, default=100_000, help="tokens scored after that prefix")
     a.add_argument("--positions", type=int, default=200, help="positions where sum_v p(v) is computed")
     a.add_argument("--buckets", type=int, default=0, help="hashed buckets per order (default: eval tokens / 15)")
     a.add_argument("--max-order", type=int, default=10)
     a.add_argument("--min-count", type=int, default=1)
-    a.add_argument("--beta", type=float, default=8.0, help="rule=dirichlet concentration")
+    a.add_argument("--beta", type=float, default=32.0, help="rule=dirichlet concentration")
     a.add_argument("--chunk", type=int, default=4096)
     a.add_argument("--vocab-size", type=int, default=1024)
     a.add_argument("--tokenizer", default=None, help="sentencepiece model: also report BPB")
