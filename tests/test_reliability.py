@@ -5,6 +5,7 @@ and leave every pre-existing file byte-identical (same mtime), with no new artif
 from __future__ import annotations
 
 import io
+import json
 import lzma
 import os
 import re
@@ -32,7 +33,8 @@ def base(tmp_path_factory, sample_paths):
     data = make_dataset(root / "data", sample_paths)
     p = run_cli(tiny_env_for(data, sample_paths), root, RUN_ID="base")
     assert p.returncode == 0, p.stderr[-3000:]
-    return types.SimpleNamespace(root=root, artifact=root / "artifacts" / "base.ptz", sample=sample_paths)
+    return types.SimpleNamespace(root=root, artifact=root / "artifacts" / "base.ptz", sample=sample_paths,
+                                 env=tiny_env_for(data, sample_paths))
 
 
 @pytest.fixture
@@ -139,19 +141,63 @@ def make_work(root: Path, base) -> types.SimpleNamespace:
     return types.SimpleNamespace(root=root, data=data, env=tiny_env_for(data, base.sample, RUN_ID="bad"), base=base)
 
 
+ZYGOTE = '''"""Imports train_gpt once, then runs each case as a forked child: cwd, env, argv and stdout/stderr
+set as for `python train_gpt.py`, exit status = main()'s return. Saves a ~1.5 s torch import per case."""
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+import train_gpt
+for case in json.load(open(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(case["cwd"])
+        os.environ.clear()
+        os.environ.update(case["env"])
+        sys.argv = [case["script"]]
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        code = 1
+        try:
+            code = train_gpt.main()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    open(case["rc"], "w").write(str(os.waitstatus_to_exitcode(status)))
+'''
+REAL_CLI = {"data_path_missing", "artifact_truncated", "non_numeric", "kg_payload_corrupt"}  # also via `python train_gpt.py`
+
+
 @pytest.fixture(scope="module")
 def battery(tmp_path_factory, base):
-    """Every bad-input case in its own cwd, run concurrently (each is a ~2 s process start): case -> result."""
-    jobs = {}
+    """Every bad-input case in its own cwd: case -> (work, snapshot before, result). Cases run as forks of one
+    process that imported train_gpt (ZYGOTE); REAL_CLI cases (and any needing another script) run as real CLIs."""
+    jobs, forked = {}, []
+    out = tmp_path_factory.mktemp("battery_out")
     for case, (setup, _) in CASES.items():
         w = make_work(tmp_path_factory.mktemp(case), base)
         extra = setup(w)
         extra = dict(extra) if isinstance(extra, dict) else {}
         script = Path(extra.pop("_SCRIPT", SCRIPT))
         jobs[case] = (w, script, dict(w.env, **extra), snapshot(w.root))
-    with ThreadPoolExecutor(4) as pool:
-        futures = {c: pool.submit(run_cli, env, w.root, script=script, timeout=90) for c, (w, script, env, _) in jobs.items()}
-        return {c: (jobs[c][0], jobs[c][3], f.result()) for c, f in futures.items()}
+        if script == SCRIPT and case not in REAL_CLI:
+            forked.append(dict(cwd=str(w.root), env=jobs[case][2], script=str(SCRIPT), **{
+                k: str(out / f"{case}.{k}") for k in ("stdout", "stderr", "rc")}))
+    (out / "cases.json").write_text(json.dumps(forked))
+    (out / "zygote.py").write_text(ZYGOTE)
+    with ThreadPoolExecutor(2) as pool:
+        zyg = pool.submit(subprocess.run, [sys.executable, str(out / "zygote.py"), str(out / "cases.json"), str(ROOT)],
+                          env=base.env, capture_output=True, text=True, timeout=120)
+        real = {c: run_cli(env, w.root, script=script, timeout=90) for c, (w, script, env, _) in jobs.items()
+                if c in REAL_CLI or script != SCRIPT}
+        assert zyg.result().returncode == 0, zyg.result().stderr[-2000:]
+    results = {}
+    for c, (w, _, _, before) in jobs.items():
+        if c in REAL_CLI or not (out / f"{c}.rc").exists():
+            continue
+        results[c] = types.SimpleNamespace(returncode=int((out / f"{c}.rc").read_text()),
+                                           stdout=(out / f"{c}.stdout").read_text(), stderr=(out / f"{c}.stderr").read_text())
+    results.update(real)
+    return {c: (jobs[c][0], jobs[c][3], results[c]) for c in jobs}
 
 
 @pytest.mark.parametrize("case", list(CASES))
