@@ -222,6 +222,20 @@ def write_atomic(path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(path, name: str) -> None:
+    """Fail now, not after a long run, if `path` (an output file) cannot be written: create and remove a probe."""
+    path = Path(path)
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{name}={path} cannot be written ({e.strerror}); choose another path") from None
+
+
 def write_shard(path, tokens) -> None:
     """Competition shard: 256 little-endian int32 [magic, version, n, 0...], then n little-endian uint16."""
     tokens = np.asarray(tokens)
@@ -1165,8 +1179,14 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     sample = resolve_data(args, log)
     val_pattern = os.path.join(args.data_path, "fineweb_val_*.bin")
     val_tokens = load_validation_tokens(val_pattern, max(args.eval_seq_len, args.train_seq_len) + 1)
+    if args.eval_only:  # the artifact's arch (VOCAB_SIZE included) before the tokenizer check
+        if not args.artifact:
+            raise UserError("EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
+        adopt_artifact_arch(args, load_artifact(args.artifact)[0], args.artifact)
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     luts = build_byte_luts(sp, args.vocab_size)
+    if args.eval_dump and ctx.rank == 0:
+        check_writable(args.eval_dump, "EVAL_DUMP")
     if not args.eval_only:
         list_shards(os.path.join(args.data_path, "fineweb_train_*.bin"))
     log(f"dataset:{Path(args.data_path).name} sample:{int(sample)} data_path:{args.data_path} "
@@ -1174,10 +1194,6 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     log(f"seed:{args.seed}")
     log(f"git_commit:{git_commit()}")
     log(f"torch:{torch.__version__} python:{sys.version.split()[0]}")
-    if args.eval_only:
-        if not args.artifact:
-            raise UserError("EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
-        adopt_artifact_arch(args, load_artifact(args.artifact)[0], args.artifact)
     log(f"config_hash:{args.config_hash()}")
     log(f"hparams:{json.dumps(args.as_dict(), sort_keys=True)}")
     torch.manual_seed(args.seed)
