@@ -38,6 +38,8 @@ and lookups compare the whole key: no collisions. Unigram counts are a dense [V]
 score() looks up the target gram of every order in one batch; the context counts of row t are
 the target counts of row t-1 (y_{t-1} = x_t), and the slots found are kept so that the
 update() that follows with the same tokens only probes for grams that were absent.
+`score_stream` gives the same numbers, bitwise, for a whole known stream at once (one stable sort
+per gram length instead of the table).
 
 `HashedTargetOnlyMixer` re-implements the record's rule as it was built: per order a context
 hash table and a context+target hash table of `buckets` counters, and only the target's ratio
@@ -358,8 +360,8 @@ class BackoffNgramMixer(_MixerAPI):
     def _context_counts(self, rev_x, avail):
         """c(ctx) of the contexts of n-1 = 1..max_order-1 tokens -> [M, K1]; 0 where unavailable."""
         hi, lo = self._keys(rev_x)
-        cc = torch.cat([self.uni[rev_x[:, :1]], self.table.count(hi[:, 1:].reshape(-1), lo[:, 1:].reshape(-1)).view(hi.shape[0], -1)], 1)
-        return cc * avail
+        longer = self.table.count(hi[:, 1:].reshape(-1), lo[:, 1:].reshape(-1)).view(hi.shape[0], -1)
+        return torch.cat([self.uni[rev_x[:, :1]], longer], 1) * avail
 
     def _target_counts(self, rev_x, cand, need):
         """c_n(ctx_n, v) for candidates cand [M, C] -> [M, C, K1] (column n-2), looked up where
