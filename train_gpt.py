@@ -106,7 +106,8 @@ HPARAMS = [
     ("USE_NGRAM_MIXER", 1, None),
     ("NGRAM_ORDER", 10, None),
     ("NGRAM_MIN_COUNT", 1, None),
-    ("NGRAM_RULE", "backoff", None),
+    ("NGRAM_RULE", "dirichlet", None),
+    ("NGRAM_BETA", 32.0, None),
     ("ALPHA_BASE", 0.20, None),
     ("ALPHA_RANGE", 0.55, None),
     ("ALPHA_CENTER", 3.0, None),
@@ -122,7 +123,7 @@ POSITIVE_INT = {"ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "TRAIN_LOG_
                 "EVAL_STRIDE", "EVAL_BATCH_SEQS", "NGRAM_MIN_COUNT", "COLLECTIVE_TIMEOUT_SECONDS"}
 NON_NEGATIVE = {"MAX_WALLCLOCK_SECONDS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "ROPE_DIMS",
                 "XSA_LAST_N", "MTP_NUM_HEADS", "MTP_LOSS_WEIGHT", "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR",
-                "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM", "MUON_MOMENTUM_WARMUP_STEPS", "KG_INIT_STRENGTH"}
+                "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM", "MUON_MOMENTUM_WARMUP_STEPS", "KG_INIT_STRENGTH", "NGRAM_BETA"}
 UNIT_INTERVAL = {"MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY",
                  "ALPHA_BASE", "ALPHA_RANGE", "MLP_LEAKY_SLOPE"}
 BOOLEAN = {"COMPILE", "USE_NGRAM_MIXER", "KG_INIT", "EVAL_ONLY"}
@@ -176,6 +177,8 @@ class Hyperparameters:
             raise UserError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         if self.eval_stride > self.eval_seq_len:
             raise UserError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}; use a stride <= the window")
+        if self.ngram_rule not in ("backoff", "dirichlet"):
+            raise UserError(f"NGRAM_RULE={self.ngram_rule!r} is not a rule; use backoff or dirichlet")
         if self.ngram_order < 2:
             raise UserError(f"NGRAM_ORDER={self.ngram_order} must be >= 2 (orders 2..NGRAM_ORDER are counted)")
         if self.xsa_last_n > self.num_layers:
@@ -1060,31 +1063,29 @@ def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log) -> t
     return out[0].cpu(), out[1].cpu()
 
 
-def mix_stream(tokens: Tensor, logp: Tensor, ent: Tensor, nbytes: Tensor, args: Hyperparameters, device, log) -> Tensor:
-    """The n-gram pass over the stream in evaluation order: each batch of targets is scored with the mixer
-    first (counts from earlier batches only), then its tokens are added to the counts."""
+def make_mixer(args: Hyperparameters, device):
+    """The n-gram mixer of backoff_mixer.py with the NGRAM_*/ALPHA_* settings (checked before any work)."""
     from backoff_mixer import BackoffNgramMixer
-    mixer = BackoffNgramMixer(vocab_size=args.vocab_size, max_order=args.ngram_order, min_count=args.ngram_min_count,
-                              alpha_base=args.alpha_base, alpha_range=args.alpha_range, alpha_center=args.alpha_center,
-                              device=str(device), rule=args.ngram_rule)
-    N, tok = logp.numel(), tokens.to(torch.int64)
-    bounds = [0] + list(range(min(args.eval_seq_len, N), N, args.eval_batch_seqs * args.eval_stride)) + [N]
-    nll, history = torch.empty(N, dtype=torch.float64), 0
-    progress, t0, next_report = Progress(log, "mixer", N, "tokens"), time.perf_counter(), 0
-    for a, e in zip(bounds[:-1], bounds[1:]):
-        if e <= a:
-            continue
-        ctx_len = min(a, args.ngram_order - 1)
-        x = tok[a - ctx_len:e].to(device)[None]
-        nll[a:e] = mixer.score_from_net(logp[a:e].to(device)[None], ent[a:e].to(device)[None], x,
-                                        tok[a + 1:e + 1].to(device)[None])[0].double().cpu()
-        mixer.update(tok[history:e + 1].to(device))
-        history = e + 1
-        progress.update(e)
-        if e >= next_report or e == N:
-            next_report = e + max(N // 20, 1)
-            log(f"mixer_progress tokens:{e}/{N} running_bpb:{nll[:e].sum().item() / math.log(2) / max(nbytes[:e].sum().item(), 1):.4f} "
-                f"elapsed:{time.perf_counter() - t0:.1f}s")
+    try:
+        return BackoffNgramMixer(vocab_size=args.vocab_size, max_order=args.ngram_order, min_count=args.ngram_min_count,
+                                 alpha_base=args.alpha_base, alpha_range=args.alpha_range, alpha_center=args.alpha_center,
+                                 device=str(device), rule=args.ngram_rule, beta=args.ngram_beta)
+    except ValueError as e:
+        raise UserError(f"n-gram mixer settings rejected: {e}; fix NGRAM_ORDER/NGRAM_MIN_COUNT/NGRAM_BETA") from None
+
+
+def mix_stream(tokens: Tensor, logp: Tensor, ent: Tensor, nbytes: Tensor, args: Hyperparameters, device, log) -> Tensor:
+    """The n-gram pass over the stream in evaluation order: targets in chunks of EVAL_BATCH_SEQS*EVAL_STRIDE,
+    each chunk scored with the counts of the tokens before it, then added (score first, update after).
+    Computed by the mixer's whole-stream path, bitwise equal to streaming score_from_net/update."""
+    mixer = make_mixer(args, device)
+    t0 = time.perf_counter()
+    nll = mixer.score_stream(tokens.to(torch.int64), logp, ent, args.eval_batch_seqs * args.eval_stride).double().cpu()
+    elapsed, N = time.perf_counter() - t0, nll.numel()
+    cum_nll, cum_bytes = nll.cumsum(0), nbytes.cumsum(0)
+    for e in sorted({max(N * k // 20, 1) for k in range(1, 21)}):  # the running score as counts accumulate
+        log(f"mixer_progress tokens:{e}/{N} running_bpb:{cum_nll[e - 1].item() / math.log(2) / max(cum_bytes[e - 1].item(), 1):.4f} "
+            f"elapsed:{elapsed:.1f}s")
     return nll
 
 
@@ -1110,7 +1111,7 @@ def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts
             f"val_bpb:{nll.sum().item() / math.log(2) / total_bytes:.8f} eval_time:{1000 * (time.perf_counter() - t1):.0f}ms")
         if args.eval_dump:
             buf = io.BytesIO()
-            np.savez(buf, nll=nll.numpy(), nll_neural=nll_neural.numpy(), bytes=nbytes.numpy())
+            np.savez(buf, nll=nll.numpy(), nll_neural=nll_neural.numpy(), entropy=ent.numpy(), bytes=nbytes.numpy())
             write_atomic(args.eval_dump, buf.getvalue())
             log(f"eval_dump:{args.eval_dump} positions:{nll.numel()}")
     ctx.sync()
@@ -1187,6 +1188,8 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     luts = build_byte_luts(sp, args.vocab_size)
     if args.eval_dump and ctx.rank == 0:
         check_writable(args.eval_dump, "EVAL_DUMP")
+    if args.use_ngram_mixer:
+        make_mixer(args, "cpu")
     if not args.eval_only:
         list_shards(os.path.join(args.data_path, "fineweb_train_*.bin"))
     log(f"dataset:{Path(args.data_path).name} sample:{int(sample)} data_path:{args.data_path} "

@@ -5,6 +5,7 @@ Expectations are independent: an explicit per-target loop for coverage, one mode
 exactly the context it should see, a simulated all-gather, os.path.getsize, and SentencePiece decoding."""
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -382,3 +383,24 @@ def test_two_gloo_ranks_score_like_one(trained):
     for key in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact"):
         assert float(log_value(p.stdout, key, "val_loss")) == pytest.approx(
             float(log_value(trained.train.stdout, key, "val_loss")), abs=1e-6)
+
+
+def test_mixed_scores_equal_the_streaming_contract(trained):
+    """The eval's mixed nll == the mixer's streaming API driven by hand: per chunk of EVAL_BATCH_SEQS*EVAL_STRIDE
+    targets, score_from_net(log p_net(y), H, context, y) first, then update with those tokens."""
+    from backoff_mixer import BackoffNgramMixer
+    p, dump = eval_only(trained, "mixcontract", USE_NGRAM_MIXER=1)
+    hp = json.loads(p.stdout.split("hparams:", 1)[1].splitlines()[0])
+    m = BackoffNgramMixer(vocab_size=hp["VOCAB_SIZE"], max_order=hp["NGRAM_ORDER"], min_count=hp["NGRAM_MIN_COUNT"],
+                          alpha_base=hp["ALPHA_BASE"], alpha_range=hp["ALPHA_RANGE"], alpha_center=hp["ALPHA_CENTER"],
+                          rule=hp["NGRAM_RULE"], beta=hp["NGRAM_BETA"])
+    val = torch.from_numpy(train_gpt.load_data_shard(trained.data / "fineweb_val_000000.bin").numpy().astype(np.int64))
+    logp, ent = torch.from_numpy(-dump["nll_neural"]), torch.from_numpy(dump["entropy"])
+    chunk, N, out = hp["EVAL_BATCH_SEQS"] * hp["EVAL_STRIDE"], val.numel() - 1, []
+    m.update(val[:1])
+    for a in range(0, N, chunk):
+        e, P = min(a + chunk, N), min(a, hp["NGRAM_ORDER"] - 1)
+        out.append(m.score_from_net(logp[None, a:e], ent[None, a:e], val[None, a - P:e], val[None, a + 1:e + 1])[0])
+        m.update(val[a + 1:e + 1])
+    np.testing.assert_allclose(torch.cat(out).double().numpy(), dump["nll"], rtol=0, atol=1e-6)
+    assert dump["nll"].sum() < dump["nll_neural"].sum()  # mixing helps on held-out text

@@ -140,6 +140,7 @@ def test_lr_multiplier_schedule():
     (dict(ITERATIONS="ten"), "not a valid int"),
     (dict(EVAL_STRIDE="0"), "must be >= 1"),
     (dict(NGRAM_ORDER="1"), "must be >= 2"),
+    (dict(NGRAM_RULE="hashed"), "is not a rule"),
 ])
 def test_bad_hyperparameters_are_one_clear_error(env, phrase):
     with pytest.raises(tg.UserError, match=phrase):
