@@ -214,3 +214,19 @@ def test_same_seed_same_log_and_it_learns(tiny_data, tmp_path):
     unigram_bpb = unigram_nats / math.log(2) / nbytes
     bpb = float(re.search(r"final_int6_sliding_window_exact val_loss:\S+ val_bpb:([0-9.]+)", runs[0]).group(1))
     assert bpb < unigram_bpb - 0.3, (bpb, unigram_bpb)
+
+
+def test_cpu_import_is_cheap_and_does_no_work(tmp_path):
+    """`import train_gpt` with no CUDA, flash-attn or triton: < 5 s, no files, no process group, no compile."""
+    blockers = tmp_path / "blockers"
+    blockers.mkdir()
+    for mod in ("triton", "flash_attn_interface", "flash_attn"):
+        (blockers / f"{mod}.py").write_text(f"raise ImportError('{mod} is not installed here')\n")
+    probe = ("import time, sys; t = time.perf_counter(); import train_gpt, torch.distributed as d; "
+             "print(time.perf_counter() - t, d.is_initialized(), train_gpt._fa3_func is None, 'triton' in sys.modules)")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{blockers}{os.pathsep}{ROOT}"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seconds, initialized, no_fa3, triton_loaded = out.stdout.split()
+    assert float(seconds) < 5.0 and initialized == "False" and no_fa3 == "True" and triton_loaded == "False"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blockers"]  # no logs/, artifacts/ or data written
