@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ sys.path.insert(0, str(BENCH))
 import bench_eval  # noqa: E402
 import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
+import mixer_claims  # noqa: E402
 
 PHASES = ["env", "model", "train", "export", "eval", "mixer"]
 
@@ -118,3 +120,17 @@ def test_bench_eval_tiny(tmp_path):
     assert res["ratio_to_target"] == pytest.approx(res["full_eval_s"] / 90)
     assert res["ratio_to_record"] == pytest.approx(res["full_eval_s"] / 590)
     assert "windows/s" in p.stdout and "target" in p.stdout
+
+
+def test_mixer_claims_runs_on_a_dump(tmp_path, capsys):
+    """bench/mixer_claims.py on a made-up dump: exact rules are real BPBs and beat the network on a repetitive stream."""
+    rng = np.random.default_rng(0)
+    toks = np.tile(rng.integers(0, 1024, 300), 20)
+    train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", toks)
+    n = toks.size - 1
+    np.savez(tmp_path / "d.npz", nll_neural=np.full(n, math.log(1024)), entropy=np.full(n, math.log(1024)),
+             bytes=np.full(n, 2.0))
+    assert mixer_claims.main([str(tmp_path / "d.npz"), "--val", str(tmp_path / "fineweb_val_*.bin"), "--chunk", "512"]) == 0
+    rows = {line[:62].strip(): float(line[62:71]) for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["network alone"] == pytest.approx(10 / 2)  # log2(1024) bits over 2 bytes per token
+    assert rows["exact dirichlet"] < rows["network alone"] and rows["exact backoff"] < rows["network alone"]
