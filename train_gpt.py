@@ -1223,9 +1223,11 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
         log(f"post_ema val_loss:{loss:.4f} val_bpb:{bpb:.4f} steps:{steps}")
         artifact = f"artifacts/{run_id}.ptz"
         if ctx.rank == 0:
+            log("export: int6/int8 per-row quantization with clip search, then LZMA preset 9 (one pass, no ETA)")
+            t_export = time.perf_counter()
             blob = serialize_artifact(model, args)
             write_atomic(artifact, blob)
-            log(f"serialized_model_int6_lzma:{len(blob)} bytes path:{artifact}")
+            log(f"serialized_model_int6_lzma:{len(blob)} bytes path:{artifact} export_time:{time.perf_counter() - t_export:.1f}s")
         ctx.sync()
     model_bytes = Path(artifact).stat().st_size if ctx.rank == 0 else 0
     n_code, detail = code_bytes(args)

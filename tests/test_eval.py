@@ -273,7 +273,7 @@ def test_total_size_line_adds_up(trained):
     assert "train_gpt.py" in names
     code = sum((trained.code / n).stat().st_size for n in names)
     assert total == trained.artifact.stat().st_size + code
-    m = re.search(r"^serialized_model_int6_lzma:(\d+) bytes path:(\S+)$", out, re.M)
+    m = re.search(r"^serialized_model_int6_lzma:(\d+) bytes path:(\S+) export_time:\S+$", out, re.M)
     assert int(m.group(1)) == trained.artifact.stat().st_size and (trained.root / m.group(2)) == trained.artifact
 
 
