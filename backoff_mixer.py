@@ -37,7 +37,10 @@ probing table; its key is the gram's tokens themselves (b = ceil(log2 V) bits ea
 and lookups compare the whole key: no collisions. Unigram counts are a dense [V] vector.
 score() looks up the target gram of every order in one batch; the context counts of row t are
 the target counts of row t-1 (y_{t-1} = x_t), and the slots found are kept so that the
-update() that follows with the same tokens only probes for grams that were absent.
+update() that follows with the same tokens only probes for grams that were absent. On CPU that
+streaming path runs in numpy on the same table memory (lower per-call overhead than torch), and
+a lookup also returns, for an absent gram, the empty slot where it would go: update() claims it
+directly (the probability arithmetic stays in torch, shared with every other path).
 `score_stream` gives the same numbers, bitwise, for a whole known stream at once (one stable sort
 per gram length instead of the table).
 
@@ -236,6 +239,64 @@ class _ExactTable:
             W = min(4 * W, _W)
         return res
 
+    # CPU streaming path in numpy (several times less per-call overhead than torch on these
+    # small arrays; the table is shared memory, so both paths see the same rows).
+    def _probe_np(self, hi, lo):
+        """Lookup without insert; hi, lo int64 arrays -> (res, counts): res is the slot of each
+        key if present, else -1 - e where e is the first empty slot on its probe path (where
+        linear probing would insert it); counts 0 for absent keys."""
+        tab = self.tab.numpy()
+        h = self._hash(torch.from_numpy(hi), torch.from_numpy(lo)).numpy()
+        rows = tab.take(h, axis=0)
+        hit = (rows[:, 0] == hi) & (rows[:, 1] == lo)
+        res, cnt = np.where(hit, h, -1 - h), np.where(hit, rows[:, 2], 0)
+        q = np.flatnonzero(~hit & (rows[:, 0] != 0))      # home slot holds another key: probe on
+        W, ar = 4, np.arange(_W)
+        while q.size:                                      # windows of 4, then _W slots
+            idx = (h[q, None] + 1 + ar[:W]) & self.mask
+            r = tab.take(idx.reshape(-1), axis=0).reshape(-1, W, 3)
+            hit = (r[..., 0] == hi[q, None]) & (r[..., 1] == lo[q, None])
+            stop = hit | (r[..., 0] == 0)
+            first, found = stop.argmax(1), stop.any(1)
+            rq = np.arange(q.size)
+            slot = idx[rq, first]
+            is_hit = hit[rq, first]
+            res[q[found]] = np.where(is_hit, slot, -1 - slot)[found]
+            cnt[q[found]] = np.where(is_hit, r[rq, first, 2], 0)[found]
+            h[q] = idx[:, -1]
+            q = q[~found]
+            W = _W
+        return res, cnt
+
+    def add_probed(self, hi, lo, res):
+        """c(key) += 1 per occurrence, given res = _probe_np(hi, lo) against the current table
+        (CPU; all numpy int64, res is overwritten). Absent keys claim the empty slot their probe
+        stopped at: of several claimants of one slot one wins, equal keys share its row (count =
+        their number), the others probe again (the winner now fills that slot)."""
+        if 2 * (self.size + hi.size) > self.mask + 1:
+            return self.add(torch.from_numpy(hi), torch.from_numpy(lo))
+        flat = self.tab.numpy().reshape(-1)
+        row_t = np.dtype((np.void, 24))
+        rows = flat.view(row_t)                            # one item per row: writes whole rows
+        inc = res >= 0                                     # present: count += 1 below
+        miss = np.flatnonzero(~inc)
+        while miss.size:
+            e3, ids = (-1 - res[miss]) * 3, np.arange(miss.size)
+            flat[e3 + 2] = ids                             # empty rows: the count column is free
+            w = flat[e3 + 2]                               # the claimant that got each slot
+            mh, ml = hi[miss], lo[miss]
+            won = (mh[w] == mh) & (ml[w] == ml)
+            n_w = np.bincount(w[won], minlength=miss.size)
+            rows[e3 // 3] = np.stack([mh[w], ml[w], n_w[w]], 1).view(row_t).ravel()
+            self.size += int(np.count_nonzero(w == ids))
+            miss = miss[~won]
+            if miss.size:
+                res[miss] = self._probe_np(hi[miss], lo[miss])[0]
+                inc[miss[res[miss] >= 0]] = True
+                miss = miss[res[miss] < 0]
+        slot = torch.from_numpy(res[inc])
+        self.tab.view(-1).index_add_(0, slot * 3 + 2, torch.ones_like(slot))
+
     def counts_at(self, slot):
         return torch.where(slot >= 0, self.tab[:, 2].index_select(0, slot.clamp(min=0)), 0)
 
@@ -305,6 +366,7 @@ class BackoffNgramMixer(_MixerAPI):
         self._is_lo = j < self.k_lo
         self._sh_lo = torch.where(self._is_lo, self.b * j, 0)
         self._sh_hi = torch.where(self._is_lo, 0, 5 + self.b * (j - self.k_lo))
+        self._is_lo_np, self._sh_lo_np, self._sh_hi_np = (t.cpu().numpy() for t in (self._is_lo, self._sh_lo, self._sh_hi))
         grams = 2 * (max_order - 1) * expected_tokens                       # slots at load <= 1/2
         self.table = _ExactTable(self.device, max(16, grams.bit_length()))   # grams of length 2..max_order
         self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
@@ -322,6 +384,19 @@ class BackoffNgramMixer(_MixerAPI):
         hi = torch.where(self._is_lo[:L], 0, rev << self._sh_hi[:L]).cumsum(-1)
         return hi + torch.arange(1, L + 1, device=rev.device), lo
 
+    def _keys_np(self, rev: np.ndarray):
+        """_keys for the CPU streaming path, transposed: numpy rev [L, M] (newest first along
+        axis 0) -> (hi, lo) [L, M] (a loop over the L rows: numpy's cumsum along axis 0 is slow)."""
+        hi, lo = np.empty_like(rev), np.empty_like(rev)
+        acc_hi, acc_lo = 0, 0
+        for j in range(rev.shape[0]):
+            if self._is_lo_np[j]:
+                acc_lo = acc_lo + (rev[j] << int(self._sh_lo_np[j]))
+            else:
+                acc_hi = acc_hi + (rev[j] << int(self._sh_hi_np[j]))
+            lo[j], hi[j] = acc_lo, acc_hi + (j + 1)
+        return hi, lo
+
     # --- state ------------------------------------------------------------------------------
     def update(self, tokens: torch.Tensor) -> None:
         """Append the next tokens of the stream (1-D, in order) to the counts."""
@@ -333,15 +408,28 @@ class BackoffNgramMixer(_MixerAPI):
         seq = torch.cat([self.tail, tokens])
         rev = _rev_windows(seq[None], n, K)                              # [n, K] newest first
         pos = self.N + torch.arange(n, device=self.device)               # stream index of each token
-        ok = pos[:, None] >= torch.arange(K, device=self.device)          # gram of length j+1 fits
-        ok[:, 0] = False                                                  # unigrams live in self.uni
+        if self.N >= K - 1:                                               # every gram fits
+            ok = (slice(None), slice(1, None))                            # (unigrams: self.uni)
+        else:
+            ok = pos[:, None] >= torch.arange(K, device=self.device)      # gram of length j+1 fits
+            ok[:, 0] = False
         memo, self._memo = self._memo, None
         if memo is not None and memo[0].shape == rev.shape and bool((memo[0] == rev).all()):
-            _, hi, lo, slot = memo                                        # score() looked these up
-            slot = slot[ok]
+            if self.device.type == "cpu":                                 # score() probed these
+                _, hi, lo, slot, tab, size = memo                         # [K-1, n]: lengths 2..K
+                if self.N < K - 1:
+                    okT = ok[:, 1:].T.numpy()
+                    hi, lo, slot = hi[okT], lo[okT], slot[okT]
+                if tab is self.table.tab and size == self.table.size:     # probe results still valid
+                    self.table.add_probed(hi.ravel(), lo.ravel(), slot.ravel())
+                else:
+                    self.table.add(torch.from_numpy(hi.ravel()), torch.from_numpy(lo.ravel()))
+            else:
+                _, hi, lo, slot = memo                                    # score() looked these up
+                self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1), slot[ok].reshape(-1))
         else:
-            (hi, lo), slot = self._keys(rev), None
-        self.table.add(hi[ok], lo[ok], slot)
+            hi, lo = self._keys(rev)
+            self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1))
         self.uni += torch.bincount(tokens, minlength=self.V)
         self.N += n
         self.tail = seq[-(K - 1):]
@@ -383,6 +471,10 @@ class BackoffNgramMixer(_MixerAPI):
         M, C = cand.shape
         K1 = self.max_order - 1
         avail = t_in[:, None] >= torch.arange(K1, device=self.device)   # ctx of j+1 tokens fits
+        if C == 1 and self.device.type == "cpu":                      # the same, in numpy
+            tc, cc = self._score_counts_cpu(rev_x, t_in, cand)
+            return self._combine(pnet, H, cc, (self.uni[cand].double() + 1.0) / (self.N + self.V),
+                                 lambda need: tc[:, None, :])
         if C == 1:
             toks = torch.cat([cand, rev_x], 1)
             hi, lo = self._keys(toks)                                    # [M, K]: lengths 1..K
@@ -409,6 +501,37 @@ class BackoffNgramMixer(_MixerAPI):
             return self._combine(pnet, H, cc, p1, lambda need: self._target_counts(rev_x, cand, need))
         return self._combine(pnet, H, cc, p1, lambda need: tcnt)
 
+    def _score_counts_cpu(self, rev_x, t_in, cand):
+        """The C == 1 branch of _mix in numpy, transposed (orders along axis 0; same counts):
+        -> target counts tc and context counts cc [M, K1] (int64 tensors); the probe results are
+        kept for update()."""
+        rx, t_in, y = rev_x.numpy(), t_in.numpy(), cand.numpy()[:, 0]
+        M, K1 = rx.shape
+        toks = np.empty((K1 + 1, M), dtype=np.int64)
+        toks[0], toks[1:] = y, rx.T
+        hi, lo = self._keys_np(toks)                                 # [K, M]: lengths 1..K
+        prev = np.zeros(M, dtype=bool)
+        prev[1:] = (t_in[1:] > t_in[:-1]) & (y[:-1] == rx[1:, 0])   # row m-1: same row, y = x_t
+        r = np.flatnonzero(~prev)                                    # rows needing own context lookup
+        chi, clo = self._keys_np(toks[1:, r])
+        res, cnt = self.table._probe_np(np.concatenate([hi[1:].ravel(), chi[1:].ravel()]),
+                                        np.concatenate([lo[1:].ravel(), clo[1:].ravel()]))
+        self._memo = (torch.from_numpy(toks).T, hi[1:], lo[1:], res[: M * K1].reshape(K1, M),
+                      self.table.tab, self.table.size)
+        avail = t_in >= np.arange(K1)[:, None]                       # ctx of j+1 tokens fits
+        tc = cnt[: M * K1].reshape(K1, M) * avail
+        cc = np.empty((K1, M), dtype=np.int64)
+        cc[0] = self.uni.numpy()[rx[:, 0]]
+        cc[1:, 1:] = tc[:-1, :-1]
+        cc[1:, r] = cnt[M * K1:].reshape(K1 - 1, -1)
+        L = min(K1, self.tail.numel())                               # minus 1 where ctx = stream suffix
+        if L:
+            tail, match = self.tail.numpy(), np.ones(M, dtype=bool)
+            for j in range(L):
+                match &= toks[1 + j] == tail[-1 - j]
+                cc[j] -= match
+        return torch.from_numpy(tc.T), torch.from_numpy(np.ascontiguousarray((cc * avail).T))
+
     def _combine(self, pnet, H, cc, p1, target_counts):
         """The rules. pnet, p1 [M, C]; cc [M, K1] context counts (0 where unavailable);
         target_counts(need [M, K1]) -> c_n(ctx, cand) [M, C, K1], needed only where `need`."""
@@ -416,15 +539,17 @@ class BackoffNgramMixer(_MixerAPI):
         a = _alpha(H, *self.alpha)[:, None]
         ok = cc >= self.min_count
         if self.rule == "backoff":
-            n_star = torch.where(ok.any(1), K1 - ok.flip(1).long().argmax(1), 0) + 1   # 1: no order
-            need = F.one_hot((n_star - 2).clamp(min=0), K1).bool() & (n_star >= 2)[:, None]
-            c_ng = (target_counts(need) * need[:, None, :]).sum(-1).double()
-            c_ctx = (cc * need).sum(-1, keepdim=True).double()
-            p_ng = torch.where((n_star >= 2)[:, None], c_ng / c_ctx.clamp(min=1), p1)
+            n_star = (ok * torch.arange(1, K1 + 1, device=ok.device)).amax(1) + 1   # 1: no order
+            col, has = (n_star - 2).clamp(min=0)[:, None], (n_star >= 2)[:, None]   # the one needed column
+            tcnt = target_counts(F.one_hot(col[:, 0], K1).bool() & has)
+            c_ng = (tcnt.gather(2, col[:, :, None].expand(-1, tcnt.shape[1], 1)).squeeze(2) * has).double()
+            c_ctx = (cc.gather(1, col) * has).double()
+            p_ng = torch.where(has, c_ng / c_ctx.clamp(min=1), p1)
             return (1 - a) * pnet + a * p_ng
-        tcnt, q = target_counts(ok), p1
-        for j in range(K1):
-            q = torch.where(ok[:, j:j + 1], (tcnt[:, :, j] + self.beta * q) / (cc[:, j:j + 1] + self.beta), q)
+        tcnt, q = target_counts(ok).double(), p1              # (int64 -> double: exact)
+        den = (cc + self.beta).double()                          # as before: cc + beta in the default
+        for j in range(K1):                                      # dtype, widened exactly
+            q = torch.where(ok[:, j:j + 1], (tcnt[:, :, j] + self.beta * q) / den[:, j:j + 1], q)
         return (1 - a) * pnet + a * q
 
     # --- whole-stream path ------------------------------------------------------------------
