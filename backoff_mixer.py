@@ -246,7 +246,7 @@ class _ExactTable:
         key if present, else -1 - e where e is the first empty slot on its probe path (where
         linear probing would insert it); counts 0 for absent keys."""
         tab = self.tab.numpy()
-        h = self._hash(torch.from_numpy(hi), torch.from_numpy(lo)).numpy()
+        h = self._hash(hi, lo)                             # same expression on arrays (wraps alike)
         rows = tab.take(h, axis=0)
         hit = (rows[:, 0] == hi) & (rows[:, 1] == lo)
         res, cnt = np.where(hit, h, -1 - h), np.where(hit, rows[:, 2], 0)
@@ -294,8 +294,7 @@ class _ExactTable:
                 res[miss] = self._probe_np(hi[miss], lo[miss])[0]
                 inc[miss[res[miss] >= 0]] = True
                 miss = miss[res[miss] < 0]
-        slot = torch.from_numpy(res[inc])
-        self.tab.view(-1).index_add_(0, slot * 3 + 2, torch.ones_like(slot))
+        np.add.at(flat, res[inc] * 3 + 2, 1)               # (repeated slots add up)
 
     def counts_at(self, slot):
         return torch.where(slot >= 0, self.tab[:, 2].index_select(0, slot.clamp(min=0)), 0)
