@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
+from conftest import SCRIPT, make_dataset, run_cli, tiny_env_for  # noqa: E402
 
 TINY = dict(NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", VE_LAYERS="1,2", XSA_LAST_N="2",
             BIGRAM_DIM="16", VE_DIM="16", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="32",
@@ -149,43 +150,30 @@ def test_bad_hyperparameters_are_one_clear_error(env, phrase):
 
 # --- end to end on a tiny dataset ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """Train/val shards cut from the sample dataset's token stream (built here if absent)."""
-    sample = ROOT / "data" / "datasets" / "sample_sp1024"
-    tok = ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"
-    if not (sample / "fineweb_val_000000.bin").exists() or not tok.exists():
-        subprocess.run([sys.executable, str(ROOT / "data" / "build_sample_dataset.py")], check=True, cwd=ROOT)
-    d = tmp_path_factory.mktemp("tiny")
-    train = tg.load_data_shard(sample / "fineweb_train_000000.bin").numpy()
-    val = tg.load_data_shard(sample / "fineweb_val_000000.bin").numpy()
-    tg.write_shard(d / "fineweb_train_000000.bin", train[:200_000])
-    tg.write_shard(d / "fineweb_val_000000.bin", val[:8_000])
-    return d, tok, train[:200_000], val[:8_000]
+def model_data(tmp_path_factory, sample_paths):
+    """(env, train tokens, val tokens): 200k train / 8k val tokens cut from the sample dataset, TINY model."""
+    d = make_dataset(tmp_path_factory.mktemp("tiny"), sample_paths, val_tokens=8_000, train_tokens=200_000)
+    read = lambda name: tg.load_data_shard(d / name).numpy()
+    return tiny_env_for(d, sample_paths, **TINY), read("fineweb_train_000000.bin"), read("fineweb_val_000000.bin")
 
 
-def run_cli(tmp, env, nproc=1):
-    cmd = [sys.executable, str(ROOT / "train_gpt.py")]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", cmd[1]]
-    full = {k: v for k, v in os.environ.items() if k not in tg.Hyperparameters(env={}).as_dict()}
-    full.update(env, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=tmp, env=full, capture_output=True, text=True, timeout=300)
+def run_train(tmp, env, nproc=1, **extra):
+    """train_gpt.py in tmp (plain python, or torchrun --nproc_per_node=nproc on gloo)."""
+    if nproc == 1:
+        return run_cli(env, tmp, timeout=300, **extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT)]
+    return subprocess.run(cmd, cwd=tmp, env=dict(env, **extra), capture_output=True, text=True, timeout=300)
 
 
 def numbers(log_text, key):
     return [float(m) for m in re.findall(rf"{key}:([0-9.]+)", log_text)]
 
 
-def tiny_env(tiny_data, **extra):
-    d, tok, _, _ = tiny_data
-    return {**TINY, "DATA_PATH": str(d), "TOKENIZER_PATH": str(tok), **extra}
-
-
-def test_two_rank_torchrun_matches_one_rank(tiny_data, tmp_path):
-    env = tiny_env(tiny_data, ITERATIONS="3", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0")
-    one = run_cli(tmp_path, {**env, "RUN_ID": "one"})
+def test_two_rank_torchrun_matches_one_rank(model_data, tmp_path):
+    env = dict(model_data[0], ITERATIONS="3", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0")
+    one = run_train(tmp_path, env, RUN_ID="one")
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_cli(tmp_path, {**env, "RUN_ID": "two"}, nproc=2)
+    two = run_train(tmp_path, env, nproc=2, RUN_ID="two")
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = (tmp_path / "logs" / "one.txt").read_text(), (tmp_path / "logs" / "two.txt").read_text()
     assert "world_size:2 backend:gloo" in b
@@ -194,12 +182,12 @@ def test_two_rank_torchrun_matches_one_rank(tiny_data, tmp_path):
     assert numbers(a, "post_ema val_loss") == pytest.approx(numbers(b, "post_ema val_loss"), abs=2e-4)
 
 
-def test_same_seed_same_log_and_it_learns(tiny_data, tmp_path):
-    d, tok, train, val = tiny_data
-    env = tiny_env(tiny_data, ITERATIONS="150", WARMDOWN_ITERS="30", TRAIN_LOG_EVERY="25", VAL_LOSS_EVERY="75", SEED="7")
+def test_same_seed_same_log_and_it_learns(model_data, sample_paths, tmp_path):
+    base, train, val = model_data
+    env = dict(base, ITERATIONS="150", WARMDOWN_ITERS="30", TRAIN_LOG_EVERY="25", VAL_LOSS_EVERY="75", SEED="7")
     runs = []
     for rid in ("a", "b"):
-        r = run_cli(tmp_path, {**env, "RUN_ID": rid})
+        r = run_train(tmp_path, env, RUN_ID=rid)
         assert r.returncode == 0, r.stderr[-2000:]
         runs.append((tmp_path / "logs" / f"{rid}.txt").read_text())
     pick = lambda t: [re.sub(r" (train_time|step_avg|eval_time):\S+", "", ln) for ln in t.splitlines()
@@ -208,7 +196,7 @@ def test_same_seed_same_log_and_it_learns(tiny_data, tmp_path):
     # learns: final val BPB well below the unigram entropy of the train stream measured on val (an independent model)
     counts = np.bincount(train, minlength=1024) + 1.0
     unigram_nats = -np.log(counts[val[1:]] / counts.sum()).sum()
-    sp = tg.load_tokenizer(str(tok), 1024)
+    sp = tg.load_tokenizer(str(sample_paths[1]), 1024)
     nbytes = tg.target_bytes(torch.from_numpy(val[:-1].astype(np.int64)), torch.from_numpy(val[1:].astype(np.int64)),
                              tg.build_byte_luts(sp, 1024)).sum().item()
     unigram_bpb = unigram_nats / math.log(2) / nbytes
