@@ -1089,10 +1089,11 @@ def mix_stream(tokens: Tensor, logp: Tensor, ent: Tensor, nbytes: Tensor, args: 
     return nll
 
 
-def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts, ctx, log):
-    """Round trip (non-overlapping windows) and sliding-window scoring of an artifact, mixer included."""
+def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts, ctx, log, loaded=None):
+    """Round trip (non-overlapping windows) and sliding-window scoring of an artifact (read from disk unless
+    `loaded`, load_artifact's result, is given), mixer included."""
     t0 = time.perf_counter()
-    meta, state = load_artifact(path)
+    _, state = loaded or load_artifact(path)
     model = build_eval_model(args, state, path, ctx.device)
     stats_fn = make_stats_fn(model, args)
     loss, bpb = eval_val(stats_fn, val_tokens, luts, args.eval_seq_len, args.val_batch_size, ctx)
@@ -1180,10 +1181,12 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     sample = resolve_data(args, log)
     val_pattern = os.path.join(args.data_path, "fineweb_val_*.bin")
     val_tokens = load_validation_tokens(val_pattern, max(args.eval_seq_len, args.train_seq_len) + 1)
+    loaded = None  # EVAL_ONLY: the artifact, read once
     if args.eval_only:  # the artifact's arch (VOCAB_SIZE included) before the tokenizer check
         if not args.artifact:
             raise UserError("EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
-        adopt_artifact_arch(args, load_artifact(args.artifact)[0], args.artifact)
+        loaded = load_artifact(args.artifact)
+        adopt_artifact_arch(args, loaded[0], args.artifact)
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     luts = build_byte_luts(sp, args.vocab_size)
     if args.eval_dump and ctx.rank == 0:
@@ -1235,7 +1238,7 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     log(f"Total submission size int6+lzma: {model_bytes + n_code} bytes")
     if ctx.rank == 0 and model_bytes + n_code > LIMIT_BYTES:
         log(f"WARNING: submission size {model_bytes + n_code} exceeds the {LIMIT_BYTES}-byte limit: NOT a valid submission")
-    evaluate_artifact(artifact, args, val_tokens, luts, ctx, log)
+    evaluate_artifact(artifact, args, val_tokens, luts, ctx, log, loaded)
     log(f"run_complete total_time:{time.perf_counter() - t_start:.1f}s")
 
 
