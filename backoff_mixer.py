@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import glob
 import math
+import mmap
 import time
 
 import numpy as np
@@ -85,8 +86,21 @@ def _rev_windows(x: torch.Tensor, T: int, K: int) -> torch.Tensor:
 
 
 def _net_stats(logits: torch.Tensor):
+    """log p_net [.., V] and its entropy H [..] (nats), in float32."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp, -(logp.exp() * logp).sum(-1)
+
+
+def _net_target_stats(logits: torch.Tensor, y: torch.Tensor):
+    """log p_net(y) and H from one exp pass over the logits l (float32): d = l - max l,
+    Z = sum exp(d), log p(y) = d_y - log Z, H = log Z - sum exp(d) d / Z."""
+    d = logits.float()
+    d = d - d.amax(-1, keepdim=True)
+    e = d.exp()
+    Z = e.sum(-1)
+    S = (e.unsqueeze(-2) @ d.unsqueeze(-1)).reshape(Z.shape)
+    logZ = Z.log()
+    return d.gather(-1, y.unsqueeze(-1)).squeeze(-1) - logZ, logZ - S / Z
 
 
 class _MixerAPI:
@@ -99,8 +113,9 @@ class _MixerAPI:
     def score(self, logits, x, y):
         """[B,T,V], [B,P+T], [B,T] -> [B,T] NLL (nats) of the mixed distribution; state unchanged."""
         self._check_logits(logits)
-        logp, H = _net_stats(logits)
-        logp_y = logp.gather(-1, y.to(logp.device).long().unsqueeze(-1)).squeeze(-1)
+        y = y.to(logits.device).long()
+        _check_tokens(y, self.V, "y")
+        logp_y, H = _net_target_stats(logits, y)
         return self.score_from_net(logp_y, H, x, y)
 
     def score_from_net(self, logp_y, entropy, x, y):
@@ -173,20 +188,39 @@ def zipf_stream(n: int, V: int, seed: int = 0, exponent: float = 1.1) -> np.ndar
 
 _M1, _M2 = -7046029254386353131, 5443315617234345911   # odd 64-bit mixing constants
 _W = 16                                                 # probe rounds read 1, 4, then 16 slots
+_COLS = 4                                               # table row: hi, lo, count, padding
+_ROW = np.dtype((np.void, 8 * _COLS))                   # one table row as one numpy item
+_QBITS = 23                                             # add_probed: occurrences per call < 2**23
+_LOG2CAP = 20                                           # default table: 2**20 slots (32 MiB)
+_LOG2CAP_MIN = 4
+
+
+def _zeros_int64(shape, device) -> torch.Tensor:
+    """torch.zeros(shape, int64). On CPU, where the OS offers it (Linux madvise), a large table
+    is asked to live on 2 MiB pages: its random accesses then miss the TLB far less often."""
+    nbytes = math.prod(shape) * 8
+    if torch.device(device).type != "cpu" or nbytes < 1 << 24 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape, dtype=torch.int64, device=device)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # zero-filled
+    mm.madvise(mmap.MADV_HUGEPAGE)
+    a = np.frombuffer(mm, dtype=np.int64)
+    a[::512] = 0                                  # fault every page in now, as torch.zeros does
+    return torch.from_numpy(a.reshape(shape))
 
 
 class _ExactTable:
     """Map (hi, lo) int64 key pairs -> int64 counts. Linear probing at load <= 1/2 over rows
-    tab[slot] = (hi, lo, count) (one cache line per probe); hi == 0 marks an empty slot (keys
-    carry a nonzero length tag in hi). Lookups compare both words, so counts are exact."""
+    tab[slot] = (hi, lo, count, 0) of 32 bytes (two per cache line, none straddling one);
+    hi == 0 marks an empty slot (keys carry a nonzero length tag in hi). Lookups compare both
+    words, so counts are exact."""
 
-    def __init__(self, device, log2cap: int = 16):
-        self.device, self.size = device, 0
+    def __init__(self, device, log2cap: int = _LOG2CAP_MIN):
+        self.device, self.size = torch.device(device), 0
         self._alloc(log2cap)
 
     def _alloc(self, log2cap):
         self.bits, self.mask = log2cap, (1 << log2cap) - 1
-        self.tab = torch.zeros(1 << log2cap, 3, dtype=torch.int64, device=self.device)
+        self.tab = _zeros_int64((1 << log2cap, _COLS), self.device)
 
     def memory_bytes(self):
         return self.tab.numel() * 8
@@ -213,7 +247,7 @@ class _ExactTable:
                 slot, is_hit = h, hit
             else:
                 idx = ((h[:, None] + torch.arange(W, device=self.device)) & self.mask).view(-1)
-                rows = self.tab.index_select(0, idx).view(-1, W, 3)
+                rows = self.tab.index_select(0, idx).view(-1, W, _COLS)
                 hit = (rows[..., 0] == hi[:, None]) & (rows[..., 1] == lo[:, None])
                 stop = hit | (rows[..., 0] == 0)
                 first, found = stop.byte().argmax(1), stop.any(1)
@@ -224,10 +258,11 @@ class _ExactTable:
             if insert:
                 e = (found & ~is_hit).nonzero().squeeze(1)
                 qe, he = q[e], slot[e]
-                flat.scatter_reduce_(0, he * 3 + 2, qe - n, reduce="amin")   # empty rows hold count 0
-                w = flat.index_select(0, he * 3 + 2) == qe - n
+                flat.scatter_reduce_(0, he * _COLS + 2, qe - n, reduce="amin")   # empty rows hold count 0
+                w = flat.index_select(0, he * _COLS + 2) == qe - n
                 hw, ew = he[w], e[w]
-                self.tab.index_copy_(0, hw, torch.stack([hi[ew], lo[ew], torch.zeros_like(hw)], 1))
+                zero = torch.zeros_like(hw)
+                self.tab.index_copy_(0, hw, torch.stack([hi[ew], lo[ew], zero, zero], 1))
                 self.size += int(hw.numel())
                 res.scatter_(0, q[ew], hw)
                 keep.scatter_(0, ew, False)
@@ -249,12 +284,12 @@ class _ExactTable:
         h = self._hash(hi, lo)                             # same expression on arrays (wraps alike)
         rows = tab.take(h, axis=0)
         hit = (rows[:, 0] == hi) & (rows[:, 1] == lo)
-        res, cnt = np.where(hit, h, -1 - h), np.where(hit, rows[:, 2], 0)
-        q = np.flatnonzero(~hit & (rows[:, 0] != 0))      # home slot holds another key: probe on
+        res, cnt = np.where(hit, h, ~h), rows[:, 2] * hit   # ~h = -1 - h
+        q = np.flatnonzero((rows[:, 0] != 0) > hit)       # home slot holds another key: probe on
         W, ar = 4, np.arange(_W)
         while q.size:                                      # windows of 4, then _W slots
             idx = (h[q, None] + 1 + ar[:W]) & self.mask
-            r = tab.take(idx.reshape(-1), axis=0).reshape(-1, W, 3)
+            r = tab.take(idx.reshape(-1), axis=0).reshape(-1, W, _COLS)
             hit = (r[..., 0] == hi[q, None]) & (r[..., 1] == lo[q, None])
             stop = hit | (r[..., 0] == 0)
             first, found = stop.argmax(1), stop.any(1)
@@ -269,32 +304,51 @@ class _ExactTable:
         return res, cnt
 
     def add_probed(self, hi, lo, res):
-        """c(key) += 1 per occurrence, given res = _probe_np(hi, lo) against the current table
-        (CPU; all numpy int64, res is overwritten). Absent keys claim the empty slot their probe
-        stopped at: of several claimants of one slot one wins, equal keys share its row (count =
-        their number), the others probe again (the winner now fills that slot)."""
-        if 2 * (self.size + hi.size) > self.mask + 1:
+        """c(key) += 1 per occurrence, given res = _probe_np(hi, lo)[0] against the current table
+        (CPU; numpy int64; res is overwritten). Keys present: their rows' counts are incremented
+        in place. Absent keys are sorted by the empty slot where they would go; each slot's first
+        occurrence writes its row once, with the number of occurrences of its key there. An
+        occurrence whose empty slot went to another key probes again (the slot is taken now)."""
+        n = hi.size
+        if n >= 1 << _QBITS:
             return self.add(torch.from_numpy(hi), torch.from_numpy(lo))
-        flat = self.tab.numpy().reshape(-1)
-        row_t = np.dtype((np.void, 24))
-        rows = flat.view(row_t)                            # one item per row: writes whole rows
-        inc = res >= 0                                     # present: count += 1 below
-        miss = np.flatnonzero(~inc)
-        while miss.size:
-            e3, ids = (-1 - res[miss]) * 3, np.arange(miss.size)
-            flat[e3 + 2] = ids                             # empty rows: the count column is free
-            w = flat[e3 + 2]                               # the claimant that got each slot
-            mh, ml = hi[miss], lo[miss]
-            won = (mh[w] == mh) & (ml[w] == ml)
-            n_w = np.bincount(w[won], minlength=miss.size)
-            rows[e3 // 3] = np.stack([mh[w], ml[w], n_w[w]], 1).view(row_t).ravel()
-            self.size += int(np.count_nonzero(w == ids))
-            miss = miss[~won]
-            if miss.size:
-                res[miss] = self._probe_np(hi[miss], lo[miss])[0]
-                inc[miss[res[miss] >= 0]] = True
-                miss = miss[res[miss] < 0]
-        np.add.at(flat, res[inc] * 3 + 2, 1)               # (repeated slots add up)
+        if self._grow_for(n):                                  # slots moved: probe again
+            res = self._probe_np(hi, lo)[0]
+        tab = self.tab.numpy()
+        rows, flat = tab.view(_ROW).reshape(-1), tab.reshape(-1)   # one item per 32-byte row / word
+        q = np.arange(n)
+        while q.size:
+            r = res[q]
+            old = r >= 0
+            np.add.at(flat, r[old] * _COLS + 2, 1)
+            new = np.flatnonzero(~old)
+            if not new.size:
+                break
+            q, r = q[new], r[new]
+            v = np.sort(~r << _QBITS | q)                      # by empty slot e = -1 - r
+            e, q = v >> _QBITS, v & ((1 << _QBITS) - 1)
+            first = np.ones(q.size, dtype=bool)
+            np.not_equal(e[1:], e[:-1], out=first[1:])
+            lead = np.flatnonzero(first)
+            ql = q[lead]
+            k = np.diff(lead, append=q.size)                   # occurrences per empty slot
+            lost = np.zeros(0, dtype=np.int64)
+            many = k > 1
+            if many.any():                                     # same key, or keys competing?
+                g = np.flatnonzero(many)
+                mem = np.flatnonzero(np.repeat(many, k))       # their occurrences, in order
+                gm = np.repeat(g, k[g])
+                lq = ql[gm]
+                other = (hi[lq] != hi[q[mem]]) | (lo[lq] != lo[q[mem]])
+                lost = mem[other]
+                k -= np.bincount(gm[other], minlength=lead.size)
+            out = np.zeros((lead.size, _COLS), dtype=np.int64)
+            out[:, 0], out[:, 1], out[:, 2] = hi[ql], lo[ql], k
+            rows[e[lead]] = out.view(_ROW).reshape(-1)
+            self.size += int(lead.size)
+            q = q[lost]
+            if q.size:
+                res[q] = self._probe_np(hi[q], lo[q])[0]
 
     def counts_at(self, slot):
         return torch.where(slot >= 0, self.tab[:, 2].index_select(0, slot.clamp(min=0)), 0)
@@ -306,30 +360,50 @@ class _ExactTable:
         """Re-insert every key into a table of 2**log2cap slots in one pass: sorted by home slot,
         key i goes to p_i = max(h_i, p_{i-1} + 1) = i + cummax(h - i), a valid linear-probing
         layout; the few keys pushed past the end wrap around through _find."""
-        old = self.tab[self.tab[:, 0] != 0]
-        self._alloc(log2cap)
-        h, order = self._hash(old[:, 0], old[:, 1]).sort()
-        old, i = old[order], torch.arange(h.numel(), device=self.device)
-        p = (h - i).cummax(0).values + i
-        fits = p <= self.mask
-        self.tab.index_copy_(0, p[fits], old[fits])
-        self.size = int(fits.sum())
-        rest = old[~fits]
-        self.tab[:, 2].index_copy_(0, self._find(rest[:, 0], rest[:, 1], insert=True), rest[:, 2])
+        if self.device.type == "cpu":                    # the same steps in numpy (faster on CPU)
+            tab = self.tab.numpy()
+            old = tab[tab[:, 0] != 0]
+            self._alloc(log2cap)
+            h = self._hash(old[:, 0], old[:, 1])
+            order = np.argsort(h)
+            h, old = h[order], old[order]
+            i = np.arange(h.size)
+            p = np.maximum.accumulate(h - i) + i
+            fits = p <= self.mask
+            self.tab.numpy().view(_ROW).reshape(-1)[p[fits]] = old[fits].view(_ROW).reshape(-1)
+            old = torch.from_numpy(old[~fits])
+            self.size = int(np.count_nonzero(fits))
+        else:
+            old = self.tab[self.tab[:, 0] != 0]
+            self._alloc(log2cap)
+            h, order = self._hash(old[:, 0], old[:, 1]).sort()
+            old, i = old[order], torch.arange(h.numel(), device=self.device)
+            p = (h - i).cummax(0).values + i
+            fits = p <= self.mask
+            self.tab.index_copy_(0, p[fits], old[fits])
+            self.size = int(fits.sum())
+            old = old[~fits]
+        self.tab[:, 2].index_copy_(0, self._find(old[:, 0], old[:, 1], insert=True), old[:, 2])
+
+    def _grow_for(self, n) -> bool:
+        """Before adding up to n new keys: grow (x4, or more) if the load would pass 1/2."""
+        need = self.size + n
+        if 2 * need <= self.mask + 1:
+            return False
+        self._rebuild(max(self.bits + 2, math.ceil(math.log2(2 * need + 1))))
+        return True
 
     def add(self, hi, lo, slot=None):
         """c(key) += 1 per occurrence (duplicates included). slot: known slots (-1: unknown),
         valid only if the table has not changed since they were found."""
-        need = self.size + hi.numel()
-        if 2 * need > self.mask + 1:
-            self._rebuild(max(self.bits + 1, math.ceil(math.log2(2 * need + 1))))
+        if self._grow_for(hi.numel()):
             slot = None
         if slot is None:
             slot = self._find(hi, lo, insert=True)
         else:
             miss = (slot < 0).nonzero().squeeze(1)
             slot = slot.scatter(0, miss, self._find(hi[miss], lo[miss], insert=True))
-        self.tab.view(-1).index_add_(0, slot * 3 + 2, torch.ones_like(slot))
+        self.tab.view(-1).index_add_(0, slot * _COLS + 2, torch.ones_like(slot))
 
 
 # -----------------------------------------------------------------------------
@@ -367,11 +441,11 @@ class BackoffNgramMixer(_MixerAPI):
         self._sh_hi = torch.where(self._is_lo, 0, 5 + self.b * (j - self.k_lo))
         self._is_lo_np, self._sh_lo_np, self._sh_hi_np = (t.cpu().numpy() for t in (self._is_lo, self._sh_lo, self._sh_hi))
         grams = 2 * (max_order - 1) * expected_tokens                       # slots at load <= 1/2
-        self.table = _ExactTable(self.device, max(16, grams.bit_length()))   # grams of length 2..max_order
+        self.table = _ExactTable(self.device, max(_LOG2CAP, grams.bit_length()))   # grams of length 2..max_order
         self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
         self.N = 0
         self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)   # last max_order-1 tokens
-        self._memo = None   # (tokens, hi, lo, slot) of the last score's target grams, for update
+        self._memo = None   # the last score's target grams and where they are, for update
 
     def memory_bytes(self):
         return self.table.memory_bytes() + self.uni.numel() * 8
@@ -405,33 +479,51 @@ class BackoffNgramMixer(_MixerAPI):
             return
         K, n = self.max_order, tokens.numel()
         seq = torch.cat([self.tail, tokens])
-        rev = _rev_windows(seq[None], n, K)                              # [n, K] newest first
-        pos = self.N + torch.arange(n, device=self.device)               # stream index of each token
-        if self.N >= K - 1:                                               # every gram fits
-            ok = (slice(None), slice(1, None))                            # (unigrams: self.uni)
-        else:
-            ok = pos[:, None] >= torch.arange(K, device=self.device)      # gram of length j+1 fits
-            ok[:, 0] = False
         memo, self._memo = self._memo, None
-        if memo is not None and memo[0].shape == rev.shape and bool((memo[0] == rev).all()):
-            if self.device.type == "cpu":                                 # score() probed these
-                _, hi, lo, slot, tab, size = memo                         # [K-1, n]: lengths 2..K
-                if self.N < K - 1:
-                    okT = ok[:, 1:].T.numpy()
-                    hi, lo, slot = hi[okT], lo[okT], slot[okT]
-                if tab is self.table.tab and size == self.table.size:     # probe results still valid
-                    self.table.add_probed(hi.ravel(), lo.ravel(), slot.ravel())
-                else:
-                    self.table.add(torch.from_numpy(hi.ravel()), torch.from_numpy(lo.ravel()))
-            else:
+        if self.device.type == "cpu":
+            if not self._update_from_probe(memo, seq.numpy(), n):
+                hi, lo = self._keys(_rev_windows(seq[None], n, K))
+                ok = self._fits(n)
+                self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1))
+        else:
+            rev = _rev_windows(seq[None], n, K)                          # [n, K] newest first
+            hi, lo = self._keys(rev)
+            ok = self._fits(n)
+            if memo is not None and memo[0].shape == rev.shape and bool((memo[0] == rev).all()):
                 _, hi, lo, slot = memo                                    # score() looked these up
                 self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1), slot[ok].reshape(-1))
-        else:
-            hi, lo = self._keys(rev)
-            self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1))
+            else:
+                self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1))
         self.uni += torch.bincount(tokens, minlength=self.V)
         self.N += n
         self.tail = seq[-(K - 1):]
+
+    def _fits(self, n):
+        """[n, K] mask of the grams of length 2..K ending at the next n stream positions that
+        fit after the stream start (unigrams, column 0, are counted in self.uni)."""
+        pos = self.N + torch.arange(n, device=self.device)[:, None]
+        ok = pos >= torch.arange(self.max_order, device=self.device)
+        ok[:, 0] = False
+        return ok
+
+    def _update_from_probe(self, memo, seq, n) -> bool:
+        """CPU update from the probe of the score() just before, if it scored exactly these
+        grams (the targets are the n new tokens, each with its stream context): the keys are
+        known and so is each one's row or empty slot. False if not applicable."""
+        K = self.max_order
+        if memo is None or memo[0].shape != (K, n):
+            return False
+        toks, hi, lo, slot, tab, size = memo                           # [K(-1), n], newest first
+        pad = np.concatenate([np.zeros(K - 1 - (seq.size - n), dtype=np.int64), seq])
+        if not all(np.array_equal(toks[j], pad[K - 1 - j: K - 1 - j + n]) for j in range(K)):
+            return False
+        if tab is not self.table.tab or size != self.table.size:         # table changed since
+            return False
+        if self.N < K - 1:
+            okT = self._fits(n)[:, 1:].T.numpy()
+            hi, lo, slot = hi[okT], lo[okT], slot[okT]
+        self.table.add_probed(hi.ravel(), lo.ravel(), slot.ravel())
+        return True
 
     # --- counts -----------------------------------------------------------------------------
     def _suffix_match(self, rev_x):
@@ -470,10 +562,6 @@ class BackoffNgramMixer(_MixerAPI):
         M, C = cand.shape
         K1 = self.max_order - 1
         avail = t_in[:, None] >= torch.arange(K1, device=self.device)   # ctx of j+1 tokens fits
-        if C == 1 and self.device.type == "cpu":                      # the same, in numpy
-            tc, cc = self._score_counts_cpu(rev_x, t_in, cand)
-            return self._combine(pnet, H, cc, (self.uni[cand].double() + 1.0) / (self.N + self.V),
-                                 lambda need: tc[:, None, :])
         if C == 1:
             toks = torch.cat([cand, rev_x], 1)
             hi, lo = self._keys(toks)                                    # [M, K]: lengths 1..K
@@ -500,27 +588,68 @@ class BackoffNgramMixer(_MixerAPI):
             return self._combine(pnet, H, cc, p1, lambda need: self._target_counts(rev_x, cand, need))
         return self._combine(pnet, H, cc, p1, lambda need: tcnt)
 
-    def _score_counts_cpu(self, rev_x, t_in, cand):
-        """The C == 1 branch of _mix in numpy, transposed (orders along axis 0; same counts):
-        -> target counts tc and context counts cc [M, K1] (int64 tensors); the probe results are
-        kept for update()."""
-        rx, t_in, y = rev_x.numpy(), t_in.numpy(), cand.numpy()[:, 0]
-        M, K1 = rx.shape
-        toks = np.empty((K1 + 1, M), dtype=np.int64)
-        toks[0], toks[1:] = y, rx.T
+    # --- CPU streaming path -----------------------------------------------------------------
+    def score_from_net(self, logp_y, entropy, x, y):
+        """On CPU the streaming score runs in numpy (several times less per-call overhead than
+        torch on these arrays), with the same arithmetic as _mix/_combine, so the same bits."""
+        if self.device.type != "cpu":
+            return super().score_from_net(logp_y, entropy, x, y)
+        xn, yn = np.asarray(x.long()), np.asarray(y.long())
+        for a, name in ((xn, "x"), (yn, "y")):
+            if a.size and (a.min() < 0 or a.max() >= self.V):
+                raise ValueError(f"{name}: token ids must lie in [0, {self.V}), got [{a.min()}, {a.max()}]")
+        B, T = yn.shape
+        if xn.ndim != 2 or xn.shape[0] != B or xn.shape[1] < T:
+            raise ValueError(f"x {tuple(xn.shape)} must be [B, P+T] for B={B}, T={T}")
+        K1, P = self.max_order - 1, xn.shape[1] - T
+        xp = np.zeros((B, K1 + xn.shape[1]), dtype=np.int64)
+        xp[:, K1:] = xn
+        toks = np.empty((K1 + 1, B * T), dtype=np.int64)          # [y_t, x_t, x_{t-1}, ...] per row
+        toks[0] = yn.reshape(-1)
+        for j in range(K1):
+            toks[1 + j] = xp[:, K1 + P - j: K1 + P - j + T].reshape(-1)
+        t_in = np.tile(np.arange(P, P + T), B)
+        tc, cc = self._score_counts_np(toks, t_in)
+        pnet = logp_y.double().exp().reshape(-1).numpy()
+        a = _alpha(entropy.double().reshape(-1), *self.alpha).numpy()
+        p1 = (self.uni.numpy()[toks[0]].astype(np.float64) + 1.0) / (self.N + self.V)
+        ok = cc >= self.min_count
+        if self.rule == "backoff":
+            has = ok.any(0)
+            col = np.where(has, K1 - 1 - np.argmax(ok[::-1], 0), 0)      # highest order that qualifies
+            m = np.arange(B * T)
+            c_ng = (tc[col, m] * has).astype(np.float64)
+            c_ctx = (cc[col, m] * has).astype(np.float64)
+            q = np.where(has, c_ng / np.maximum(c_ctx, 1.0), p1)
+        else:
+            den = (cc.astype(np.float32) + np.float32(self.beta)).astype(np.float64)   # float32, as in torch
+            q, t = p1, np.empty_like(p1)
+            for j in range(K1):
+                np.multiply(q, self.beta, out=t)
+                t += tc[j]
+                t /= den[j]
+                np.copyto(q, t, where=ok[j])
+        p = torch.from_numpy((1 - a) * pnet + a * q)
+        return (-torch.log(p)).reshape(B, T).to(torch.promote_types(logp_y.dtype, torch.float32))
+
+    def _score_counts_np(self, toks, t_in):
+        """toks [K, M] (y_t, then the context newest first), t_in [M] -> target counts tc and
+        context counts cc [K1, M] (row j: order j+2), as _mix's C == 1 branch; the keys and the
+        probe results are kept for update()."""
+        K1, M = toks.shape[0] - 1, toks.shape[1]
+        y, x = toks[0], toks[1]
         hi, lo = self._keys_np(toks)                                 # [K, M]: lengths 1..K
         prev = np.zeros(M, dtype=bool)
-        prev[1:] = (t_in[1:] > t_in[:-1]) & (y[:-1] == rx[1:, 0])   # row m-1: same row, y = x_t
+        prev[1:] = (t_in[1:] > t_in[:-1]) & (y[:-1] == x[1:])       # row m-1: same row, y = x_t
         r = np.flatnonzero(~prev)                                    # rows needing own context lookup
         chi, clo = self._keys_np(toks[1:, r])
         res, cnt = self.table._probe_np(np.concatenate([hi[1:].ravel(), chi[1:].ravel()]),
                                         np.concatenate([lo[1:].ravel(), clo[1:].ravel()]))
-        self._memo = (torch.from_numpy(toks).T, hi[1:], lo[1:], res[: M * K1].reshape(K1, M),
-                      self.table.tab, self.table.size)
+        self._memo = (toks, hi[1:], lo[1:], res[: M * K1].reshape(K1, M), self.table.tab, self.table.size)
         avail = t_in >= np.arange(K1)[:, None]                       # ctx of j+1 tokens fits
         tc = cnt[: M * K1].reshape(K1, M) * avail
         cc = np.empty((K1, M), dtype=np.int64)
-        cc[0] = self.uni.numpy()[rx[:, 0]]
+        cc[0] = self.uni.numpy()[x]
         cc[1:, 1:] = tc[:-1, :-1]
         cc[1:, r] = cnt[M * K1:].reshape(K1 - 1, -1)
         L = min(K1, self.tail.numel())                               # minus 1 where ctx = stream suffix
@@ -529,7 +658,7 @@ class BackoffNgramMixer(_MixerAPI):
             for j in range(L):
                 match &= toks[1 + j] == tail[-1 - j]
                 cc[j] -= match
-        return torch.from_numpy(tc.T), torch.from_numpy(np.ascontiguousarray((cc * avail).T))
+        return tc, cc * avail
 
     def _combine(self, pnet, H, cc, p1, target_counts):
         """The rules. pnet, p1 [M, C]; cc [M, K1] context counts (0 where unavailable);
