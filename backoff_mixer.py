@@ -188,11 +188,15 @@ def zipf_stream(n: int, V: int, seed: int = 0, exponent: float = 1.1) -> np.ndar
 
 _M1, _M2 = -7046029254386353131, 5443315617234345911   # odd 64-bit mixing constants
 _W = 16                                                 # probe rounds read 1, 4, then 16 slots
-_COLS = 4                                               # table row: hi, lo, count, padding
-_ROW = np.dtype((np.void, 8 * _COLS))                   # one table row as one numpy item
+_ROW = np.dtype((np.void, 16))                          # one table row (2 words) as one numpy item
 _QBITS = 23                                             # add_probed: occurrences per call < 2**23
-_LOG2CAP = 20                                           # default table: 2**20 slots (32 MiB)
+_LOG2CAP = 24                                           # default table: 2**24 rows, 256 MiB
 _LOG2CAP_MIN = 4
+
+
+def _wrap64(v: int) -> int:
+    """An unsigned 64-bit pattern as the int64 with the same bits."""
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def _zeros_int64(shape, device) -> torch.Tensor:
@@ -209,18 +213,21 @@ def _zeros_int64(shape, device) -> torch.Tensor:
 
 
 class _ExactTable:
-    """Map (hi, lo) int64 key pairs -> int64 counts. Linear probing at load <= 1/2 over rows
-    tab[slot] = (hi, lo, count, 0) of 32 bytes (two per cache line, none straddling one);
-    hi == 0 marks an empty slot (keys carry a nonzero length tag in hi). Lookups compare both
-    words, so counts are exact."""
+    """Map keys (hi, lo) of two int64 words to counts, exactly. A key's tag t = bits 60..63 of lo
+    is nonzero and fixes sh = shifts[t], the width of hi (0 <= hi < 2**sh). A row is 16 bytes,
+    four per cache line: tab[slot] = (lo, hi + count * 2**sh), count < 2**(63 - sh); lo == 0
+    marks an empty slot. Linear probing at load <= 1/2; lookups compare lo and the hi bits of
+    the row, so no two keys share a count."""
 
-    def __init__(self, device, log2cap: int = _LOG2CAP_MIN):
+    def __init__(self, device, log2cap: int = _LOG2CAP_MIN, shifts=(0,) * 16):
         self.device, self.size = torch.device(device), 0
+        self.sh = torch.tensor(shifts, dtype=torch.int64, device=self.device)
+        self.sh_np = np.array(shifts, dtype=np.int64)
         self._alloc(log2cap)
 
     def _alloc(self, log2cap):
         self.bits, self.mask = log2cap, (1 << log2cap) - 1
-        self.tab = _zeros_int64((1 << log2cap, _COLS), self.device)
+        self.tab = _zeros_int64((1 << log2cap, 2), self.device)
 
     def memory_bytes(self):
         return self.tab.numel() * 8
@@ -229,40 +236,46 @@ class _ExactTable:
         h = (hi * _M1 ^ lo) * _M2
         return (h >> (64 - self.bits)) & self.mask
 
+    def _shift(self, lo):
+        """sh of each key (torch or numpy, like lo)."""
+        if isinstance(lo, np.ndarray):
+            return self.sh_np[(lo >> 60) & 15]
+        return self.sh[(lo >> 60) & 15]
+
+    @staticmethod
+    def _overflow(sh):
+        raise OverflowError(f"an n-gram count reached 2**{63 - int(sh)}, the most this exact table holds "
+                            f"for its length: split the stream, or use fewer tokens per key")
+
     def _find(self, hi, lo, insert: bool):
         """Slot of each key (-1 if absent and not inserting). Probe rounds read windows of
-        1, 4, then _W consecutive slots; the key, if present, precedes
-        the first empty slot. Inserting claims that empty slot; concurrent claims on one slot go
-        to the lowest query index, the others re-read from there (a duplicate then hits it)."""
+        1, 4, then _W consecutive slots; the key, if present, precedes the first empty slot.
+        Inserting claims that empty slot (its second word, 0 while empty, serves as scratch):
+        concurrent claims on one slot go to the lowest query index, the others re-read from
+        there (a duplicate then hits it)."""
         n = hi.numel()
         res = torch.full((n,), -1, dtype=torch.int64, device=self.device)
         q = torch.arange(n, device=self.device)
         h = self._hash(hi, lo)
+        hmask = (1 << self._shift(lo)) - 1
         flat, W = self.tab.view(-1), 1
         while q.numel():
-            if W == 1:
-                rows = self.tab.index_select(0, h)
-                hit = (rows[:, 0] == hi) & (rows[:, 1] == lo)
-                found = hit | (rows[:, 0] == 0)
-                slot, is_hit = h, hit
-            else:
-                idx = ((h[:, None] + torch.arange(W, device=self.device)) & self.mask).view(-1)
-                rows = self.tab.index_select(0, idx).view(-1, W, _COLS)
-                hit = (rows[..., 0] == hi[:, None]) & (rows[..., 1] == lo[:, None])
-                stop = hit | (rows[..., 0] == 0)
-                first, found = stop.byte().argmax(1), stop.any(1)
-                slot = (h + first) & self.mask
-                is_hit = hit.gather(1, first[:, None]).squeeze(1) & found
+            idx = ((h[:, None] + torch.arange(W, device=self.device)) & self.mask).view(-1)
+            rows = self.tab.index_select(0, idx).view(-1, W, 2)
+            hit = (rows[..., 0] == lo[:, None]) & ((rows[..., 1] & hmask[:, None]) == hi[:, None])
+            stop = hit | (rows[..., 0] == 0)
+            first, found = stop.byte().argmax(1), stop.any(1)
+            slot = (h + first) & self.mask
+            is_hit = hit.gather(1, first[:, None]).squeeze(1) & found
             res.scatter_(0, q[is_hit], slot[is_hit])
             keep = ~is_hit
             if insert:
                 e = (found & ~is_hit).nonzero().squeeze(1)
                 qe, he = q[e], slot[e]
-                flat.scatter_reduce_(0, he * _COLS + 2, qe - n, reduce="amin")   # empty rows hold count 0
-                w = flat.index_select(0, he * _COLS + 2) == qe - n
+                flat.scatter_reduce_(0, he * 2 + 1, qe - n, reduce="amin")
+                w = flat.index_select(0, he * 2 + 1) == qe - n
                 hw, ew = he[w], e[w]
-                zero = torch.zeros_like(hw)
-                self.tab.index_copy_(0, hw, torch.stack([hi[ew], lo[ew], zero, zero], 1))
+                self.tab.index_copy_(0, hw, torch.stack([lo[ew], hi[ew]], 1))
                 self.size += int(hw.numel())
                 res.scatter_(0, q[ew], hw)
                 keep.scatter_(0, ew, False)
@@ -270,7 +283,7 @@ class _ExactTable:
                 keep &= ~found
             h = torch.where(found, slot, h + W)
             nz = keep.nonzero().squeeze(1)
-            q, h, hi, lo = (t.index_select(0, nz) for t in (q, h, hi, lo))
+            q, h, hi, lo, hmask = (t.index_select(0, nz) for t in (q, h, hi, lo, hmask))
             W = min(4 * W, _W)
         return res
 
@@ -281,46 +294,53 @@ class _ExactTable:
         key if present, else -1 - e where e is the first empty slot on its probe path (where
         linear probing would insert it); counts 0 for absent keys."""
         tab = self.tab.numpy()
+        sh = self._shift(lo)
+        hmask = (1 << sh) - 1
         h = self._hash(hi, lo)                             # same expression on arrays (wraps alike)
         rows = tab.take(h, axis=0)
-        hit = (rows[:, 0] == hi) & (rows[:, 1] == lo)
-        res, cnt = np.where(hit, h, ~h), rows[:, 2] * hit   # ~h = -1 - h
+        hit = (rows[:, 0] == lo) & ((rows[:, 1] & hmask) == hi)
+        res, cnt = np.where(hit, h, ~h), (rows[:, 1] >> sh) * hit   # ~h = -1 - h
         q = np.flatnonzero((rows[:, 0] != 0) > hit)       # home slot holds another key: probe on
         W, ar = 4, np.arange(_W)
         while q.size:                                      # windows of 4, then _W slots
             idx = (h[q, None] + 1 + ar[:W]) & self.mask
-            r = tab.take(idx.reshape(-1), axis=0).reshape(-1, W, _COLS)
-            hit = (r[..., 0] == hi[q, None]) & (r[..., 1] == lo[q, None])
+            r = tab.take(idx.reshape(-1), axis=0).reshape(-1, W, 2)
+            hit = (r[..., 0] == lo[q, None]) & ((r[..., 1] & hmask[q, None]) == hi[q, None])
             stop = hit | (r[..., 0] == 0)
             first, found = stop.argmax(1), stop.any(1)
             rq = np.arange(q.size)
             slot = idx[rq, first]
             is_hit = hit[rq, first]
-            res[q[found]] = np.where(is_hit, slot, -1 - slot)[found]
-            cnt[q[found]] = np.where(is_hit, r[rq, first, 2], 0)[found]
+            res[q[found]] = np.where(is_hit, slot, ~slot)[found]
+            cnt[q[found]] = np.where(is_hit, r[rq, first, 1] >> sh[q], 0)[found]
             h[q] = idx[:, -1]
             q = q[~found]
             W = _W
         return res, cnt
 
-    def add_probed(self, hi, lo, res):
-        """c(key) += 1 per occurrence, given res = _probe_np(hi, lo)[0] against the current table
-        (CPU; numpy int64; res is overwritten). Keys present: their rows' counts are incremented
-        in place. Absent keys are sorted by the empty slot where they would go; each slot's first
-        occurrence writes its row once, with the number of occurrences of its key there. An
-        occurrence whose empty slot went to another key probes again (the slot is taken now)."""
+    def add_probed(self, hi, lo, res, cnt):
+        """c(key) += 1 per occurrence, given (res, cnt) = _probe_np(hi, lo) against the current
+        table (CPU; numpy int64; res is overwritten). Keys present: their rows' counts are
+        incremented in place. Absent keys are sorted by the empty slot where they would go; each
+        slot's first occurrence writes its row once, with the number of occurrences of its key
+        there. An occurrence whose empty slot went to another key probes again (it is taken now)."""
         n = hi.size
         if n >= 1 << _QBITS:
             return self.add(torch.from_numpy(hi), torch.from_numpy(lo))
+        sh = self._shift(lo)
+        if (cnt + n >> (63 - sh)).any():                      # could a count outgrow its bits?
+            return self.add(torch.from_numpy(hi), torch.from_numpy(lo))   # (checks exactly)
         if self._grow_for(n):                                  # slots moved: probe again
             res = self._probe_np(hi, lo)[0]
         tab = self.tab.numpy()
-        rows, flat = tab.view(_ROW).reshape(-1), tab.reshape(-1)   # one item per 32-byte row / word
+        rows, flat = tab.view(_ROW).reshape(-1), tab.reshape(-1)   # one item per row / word
         q = np.arange(n)
         while q.size:
             r = res[q]
             old = r >= 0
-            np.add.at(flat, r[old] * _COLS + 2, 1)
+            short = sh[q] == 0                                 # count in the whole word: + 1
+            np.add.at(flat, r[old & short] * 2 + 1, 1)
+            np.add.at(flat, r[old > short] * 2 + 1, 1 << sh[q[old > short]])
             new = np.flatnonzero(~old)
             if not new.size:
                 break
@@ -342,8 +362,8 @@ class _ExactTable:
                 other = (hi[lq] != hi[q[mem]]) | (lo[lq] != lo[q[mem]])
                 lost = mem[other]
                 k -= np.bincount(gm[other], minlength=lead.size)
-            out = np.zeros((lead.size, _COLS), dtype=np.int64)
-            out[:, 0], out[:, 1], out[:, 2] = hi[ql], lo[ql], k
+            out = np.empty((lead.size, 2), dtype=np.int64)
+            out[:, 0], out[:, 1] = lo[ql], hi[ql] + (k << sh[ql])
             rows[e[lead]] = out.view(_ROW).reshape(-1)
             self.size += int(lead.size)
             q = q[lost]
@@ -351,20 +371,21 @@ class _ExactTable:
                 res[q] = self._probe_np(hi[q], lo[q])[0]
 
     def counts_at(self, slot):
-        return torch.where(slot >= 0, self.tab[:, 2].index_select(0, slot.clamp(min=0)), 0)
+        rows = self.tab.index_select(0, slot.clamp(min=0))
+        return torch.where(slot >= 0, rows[:, 1] >> self._shift(rows[:, 0]), 0)
 
     def count(self, hi, lo):
         return self.counts_at(self._find(hi, lo, insert=False))
 
     def _rebuild(self, log2cap):
-        """Re-insert every key into a table of 2**log2cap slots in one pass: sorted by home slot,
+        """Re-insert every row into a table of 2**log2cap slots in one pass: sorted by home slot,
         key i goes to p_i = max(h_i, p_{i-1} + 1) = i + cummax(h - i), a valid linear-probing
         layout; the few keys pushed past the end wrap around through _find."""
         if self.device.type == "cpu":                    # the same steps in numpy (faster on CPU)
             tab = self.tab.numpy()
             old = tab[tab[:, 0] != 0]
             self._alloc(log2cap)
-            h = self._hash(old[:, 0], old[:, 1])
+            h = self._hash(old[:, 1] & ((1 << self._shift(old[:, 0])) - 1), old[:, 0])
             order = np.argsort(h)
             h, old = h[order], old[order]
             i = np.arange(h.size)
@@ -376,14 +397,15 @@ class _ExactTable:
         else:
             old = self.tab[self.tab[:, 0] != 0]
             self._alloc(log2cap)
-            h, order = self._hash(old[:, 0], old[:, 1]).sort()
+            h, order = self._hash(old[:, 1] & ((1 << self._shift(old[:, 0])) - 1), old[:, 0]).sort()
             old, i = old[order], torch.arange(h.numel(), device=self.device)
             p = (h - i).cummax(0).values + i
             fits = p <= self.mask
             self.tab.index_copy_(0, p[fits], old[fits])
             self.size = int(fits.sum())
             old = old[~fits]
-        self.tab[:, 2].index_copy_(0, self._find(old[:, 0], old[:, 1], insert=True), old[:, 2])
+        hi = old[:, 1] & ((1 << self._shift(old[:, 0])) - 1)
+        self.tab[:, 1].index_copy_(0, self._find(hi, old[:, 0], insert=True), old[:, 1])
 
     def _grow_for(self, n) -> bool:
         """Before adding up to n new keys: grow (x4, or more) if the load would pass 1/2."""
@@ -395,7 +417,12 @@ class _ExactTable:
 
     def add(self, hi, lo, slot=None):
         """c(key) += 1 per occurrence (duplicates included). slot: known slots (-1: unknown),
-        valid only if the table has not changed since they were found."""
+        valid only if the table has not changed since they were found. Raises OverflowError if
+        a count outgrows its bits (only for the longest keys, after 2**23 or more occurrences)."""
+        if hi.numel() > 1 << 22:                          # bounded steps: an overflow shows as a sign
+            for a in range(0, hi.numel(), 1 << 22):
+                self.add(hi[a:a + (1 << 22)], lo[a:a + (1 << 22)])
+            return
         if self._grow_for(hi.numel()):
             slot = None
         if slot is None:
@@ -403,7 +430,11 @@ class _ExactTable:
         else:
             miss = (slot < 0).nonzero().squeeze(1)
             slot = slot.scatter(0, miss, self._find(hi[miss], lo[miss], insert=True))
-        self.tab.view(-1).index_add_(0, slot * _COLS + 2, torch.ones_like(slot))
+        sh = self._shift(lo)
+        self.tab.view(-1).index_add_(0, slot * 2 + 1, 1 << sh)
+        bad = self.tab[:, 1].index_select(0, slot) < 0        # count reached 2**(63 - sh)
+        if bool(bad.any()):
+            self._overflow(sh[bad][0])
 
 
 # -----------------------------------------------------------------------------
@@ -430,18 +461,24 @@ class BackoffNgramMixer(_MixerAPI):
         self.V, self.max_order, self.min_count, self.rule, self.beta = vocab_size, max_order, min_count, rule, beta
         self.alpha = (alpha_base, alpha_range, alpha_center)
         self.device = torch.device(device)
-        # key packing, b bits per token: lo = newest k_lo tokens, hi = 5-bit length tag + older tokens
+        # key of a gram of L tokens, b bits per token, newest first: lo = the newest k_lo tokens
+        # + L * 2**60 (the tag), hi = the older ones (b (L - k_lo) bits, the rest of the table
+        # row's word holds the count: at least 2**23 for the longest grams)
         self.b = max(1, (vocab_size - 1).bit_length())
-        self.k_lo, k_hi = 63 // self.b, (63 - 5) // self.b
-        if max_order > self.k_lo + k_hi:
-            raise ValueError(f"max_order {max_order} > {self.k_lo + k_hi}: exact keys for V={vocab_size} hold at most that")
+        self.k_lo = 60 // self.b
+        most = min(15, self.k_lo + 40 // self.b)
+        if max_order > most:
+            raise ValueError(f"max_order {max_order} > {most}: exact keys for V={vocab_size} hold at most that")
         j = torch.arange(max_order, device=self.device)
         self._is_lo = j < self.k_lo
         self._sh_lo = torch.where(self._is_lo, self.b * j, 0)
-        self._sh_hi = torch.where(self._is_lo, 0, 5 + self.b * (j - self.k_lo))
+        self._sh_hi = torch.where(self._is_lo, 0, self.b * (j - self.k_lo))
         self._is_lo_np, self._sh_lo_np, self._sh_hi_np = (t.cpu().numpy() for t in (self._is_lo, self._sh_lo, self._sh_hi))
+        self._tag = torch.tensor([_wrap64(L << 60) for L in range(1, max_order + 1)], device=self.device)
+        self._tag_np = self._tag.cpu().numpy()
+        shifts = [self.b * max(0, L - self.k_lo) for L in range(16)]
         grams = 2 * (max_order - 1) * expected_tokens                       # slots at load <= 1/2
-        self.table = _ExactTable(self.device, max(_LOG2CAP, grams.bit_length()))   # grams of length 2..max_order
+        self.table = _ExactTable(self.device, max(_LOG2CAP, grams.bit_length()), shifts)   # lengths 2..max_order
         self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
         self.N = 0
         self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)   # last max_order-1 tokens
@@ -455,7 +492,7 @@ class BackoffNgramMixer(_MixerAPI):
         L = rev.shape[-1]
         lo = torch.where(self._is_lo[:L], rev << self._sh_lo[:L], 0).cumsum(-1)
         hi = torch.where(self._is_lo[:L], 0, rev << self._sh_hi[:L]).cumsum(-1)
-        return hi + torch.arange(1, L + 1, device=rev.device), lo
+        return hi, lo + self._tag[:L]
 
     def _keys_np(self, rev: np.ndarray):
         """_keys for the CPU streaming path, transposed: numpy rev [L, M] (newest first along
@@ -467,7 +504,7 @@ class BackoffNgramMixer(_MixerAPI):
                 acc_lo = acc_lo + (rev[j] << int(self._sh_lo_np[j]))
             else:
                 acc_hi = acc_hi + (rev[j] << int(self._sh_hi_np[j]))
-            lo[j], hi[j] = acc_lo, acc_hi + (j + 1)
+            lo[j], hi[j] = acc_lo + self._tag_np[j], acc_hi
         return hi, lo
 
     # --- state ------------------------------------------------------------------------------
@@ -513,7 +550,7 @@ class BackoffNgramMixer(_MixerAPI):
         K = self.max_order
         if memo is None or memo[0].shape != (K, n):
             return False
-        toks, hi, lo, slot, tab, size = memo                           # [K(-1), n], newest first
+        toks, hi, lo, slot, cnt, tab, size = memo                      # [K(-1), n], newest first
         pad = np.concatenate([np.zeros(K - 1 - (seq.size - n), dtype=np.int64), seq])
         if not all(np.array_equal(toks[j], pad[K - 1 - j: K - 1 - j + n]) for j in range(K)):
             return False
@@ -521,8 +558,8 @@ class BackoffNgramMixer(_MixerAPI):
             return False
         if self.N < K - 1:
             okT = self._fits(n)[:, 1:].T.numpy()
-            hi, lo, slot = hi[okT], lo[okT], slot[okT]
-        self.table.add_probed(hi.ravel(), lo.ravel(), slot.ravel())
+            hi, lo, slot, cnt = hi[okT], lo[okT], slot[okT], cnt[okT]
+        self.table.add_probed(hi.ravel(), lo.ravel(), slot.ravel(), cnt.ravel())
         return True
 
     # --- counts -----------------------------------------------------------------------------
@@ -645,7 +682,8 @@ class BackoffNgramMixer(_MixerAPI):
         chi, clo = self._keys_np(toks[1:, r])
         res, cnt = self.table._probe_np(np.concatenate([hi[1:].ravel(), chi[1:].ravel()]),
                                         np.concatenate([lo[1:].ravel(), clo[1:].ravel()]))
-        self._memo = (toks, hi[1:], lo[1:], res[: M * K1].reshape(K1, M), self.table.tab, self.table.size)
+        self._memo = (toks, hi[1:], lo[1:], res[: M * K1].reshape(K1, M), cnt[: M * K1].reshape(K1, M),
+                      self.table.tab, self.table.size)
         avail = t_in >= np.arange(K1)[:, None]                       # ctx of j+1 tokens fits
         tc = cnt[: M * K1].reshape(K1, M) * avail
         cc = np.empty((K1, M), dtype=np.int64)

@@ -14,6 +14,14 @@ from backoff_mixer import BackoffNgramMixer, HashedTargetOnlyMixer  # noqa: E402
 RULES = BackoffNgramMixer.RULES
 
 
+TAG_SHIFTS = (0,) * 8 + (4,) * 8                     # _ExactTable keys: tags 8..15 carry hi < 16
+
+
+def tagged(v):
+    """Table keys' lo word for small values v: tag 9 in bits 60..63 (as int64: negative)."""
+    return v + ((9 << 60) - (1 << 64))
+
+
 def alpha(H):
     return 0.20 + 0.55 / (1 + math.exp(-2 * (H - 3.0)))
 
@@ -274,16 +282,16 @@ def test_table_exact_under_worst_case_collisions():
         def _hash(self, hi, lo):
             return hi * 0 + (self.mask - 3)
 
-    t = OneHome("cpu", log2cap=4)
+    t = OneHome("cpu", log2cap=4, shifts=TAG_SHIFTS)
     hi = torch.arange(1, 8)
-    lo = torch.tensor([5, 5, 7, 7, 9, 9, 11])        # equal lo, different hi: must not merge
+    lo = tagged(torch.tensor([5, 5, 7, 7, 9, 9, 11]))   # equal lo, different hi: must not merge
     t.add(hi, lo)                                    # 7 keys: probing wraps past the last slot
     t.add(hi[:3], lo[:3])                            # 10 > 16/2: rebuild (x4), placement wraps again
     assert t.mask + 1 == 64 and t.size == 7
     assert t.count(hi, lo).tolist() == [2, 2, 2, 1, 1, 1, 1]
-    assert t.count(torch.tensor([1, 8]), torch.tensor([6, 5])).tolist() == [0, 0]
-    t.add(torch.tensor([4, 4, 4]), torch.tensor([7, 7, 7]))   # duplicates within one batch
-    assert t.count(torch.tensor([4]), torch.tensor([7])).tolist() == [4]
+    assert t.count(torch.tensor([1, 8]), tagged(torch.tensor([6, 5]))).tolist() == [0, 0]
+    t.add(torch.tensor([4, 4, 4]), tagged(torch.tensor([7, 7, 7])))   # duplicates within one batch
+    assert t.count(torch.tensor([4]), tagged(torch.tensor([7]))).tolist() == [4]
 
 
 @pytest.mark.parametrize("rule,min_count,chunk,V,K", [("backoff", 1, 97, 24, 6), ("dirichlet", 1, 256, 24, 6),
@@ -320,14 +328,14 @@ def test_cpu_claim_path_matches_plain_insert_under_collisions():
             return (self.mask - 2) + (lo % 3)
 
     rng = np.random.default_rng(3)
-    a, b = FewHomes("cpu", log2cap=7), FewHomes("cpu", log2cap=7)
+    a, b = FewHomes("cpu", log2cap=7, shifts=TAG_SHIFTS), FewHomes("cpu", log2cap=7, shifts=TAG_SHIFTS)
     for _ in range(4):
         hi = rng.integers(1, 4, 12).astype(np.int64)
-        lo = rng.integers(0, 5, 12).astype(np.int64)     # many equal keys within one batch
-        a.add_probed(hi, lo, a._probe_np(hi, lo)[0])
+        lo = tagged(rng.integers(0, 5, 12).astype(np.int64))   # many equal keys within one batch
+        a.add_probed(hi, lo, *a._probe_np(hi, lo))
         b.add(torch.from_numpy(hi), torch.from_numpy(lo))
         assert a.size == b.size
-        qh, ql = np.repeat(np.arange(1, 5), 6), np.tile(np.arange(0, 6), 4)   # hi >= 1 (length tag)
+        qh, ql = np.repeat(np.arange(1, 5), 6), tagged(np.tile(np.arange(0, 6), 4))
         got, cnt = a._probe_np(qh, ql)
         assert cnt.tolist() == b.count(torch.from_numpy(qh), torch.from_numpy(ql)).tolist()
         assert ((got >= 0) == (cnt > 0)).all()
@@ -345,5 +353,5 @@ def test_score_then_update_builds_the_same_table_as_update(rule):
         a.update(s[done:e + 1])
         b.update(s[done:e + 1])
         done = e + 1
-    rows = lambda m: sorted(map(tuple, m.table.tab[m.table.tab[:, 0] != 0, :3].tolist()))   # (col 3: scratch)
+    rows = lambda m: sorted(map(tuple, m.table.tab[m.table.tab[:, 0] != 0].tolist()))
     assert a.table.size == b.table.size and rows(a) == rows(b)
