@@ -219,10 +219,16 @@ class _ExactTable:
     marks an empty slot. Linear probing at load <= 1/2; lookups compare lo and the hi bits of
     the row, so no two keys share a count."""
 
-    def __init__(self, device, log2cap: int = _LOG2CAP_MIN, shifts=(0,) * 16):
+    def __init__(self, device, log2cap: int = _LOG2CAP_MIN, shifts=(0,) * 16, dense=None):
+        """dense = (tag, bits): the keys of that tag (hi = 0) are counted in a dense array
+        indexed by the low `bits` bits of lo, not in the table (the mixer's bigrams)."""
         self.device, self.size = torch.device(device), 0
         self.sh = torch.tensor(shifts, dtype=torch.int64, device=self.device)
         self.sh_np = np.array(shifts, dtype=np.int64)
+        self.dense_tag, self.dense_mask, self.dense = None, 0, None
+        if dense is not None:
+            self.dense_tag, self.dense_mask = dense[0], (1 << dense[1]) - 1
+            self.dense = torch.zeros(1 << dense[1], dtype=torch.int64, device=self.device)
         self._alloc(log2cap)
 
     def _alloc(self, log2cap):
@@ -230,7 +236,7 @@ class _ExactTable:
         self.tab = _zeros_int64((1 << log2cap, 2), self.device)
 
     def memory_bytes(self):
-        return self.tab.numel() * 8
+        return self.tab.numel() * 8 + (0 if self.dense is None else self.dense.numel() * 8)
 
     def _hash(self, hi, lo):
         h = (hi * _M1 ^ lo) * _M2
@@ -248,6 +254,16 @@ class _ExactTable:
                             f"for its length: split the stream, or use fewer tokens per key")
 
     def _find(self, hi, lo, insert: bool):
+        """_find_rows for the table's keys; a dense key gets 'slot' S + its index (S = table
+        size), present whether its count is 0 or not."""
+        if self.dense is None:
+            return self._find_rows(hi, lo, insert)
+        dn = ((lo >> 60) & 15) == self.dense_tag
+        res = torch.where(dn, self.mask + 1 + (lo & self.dense_mask), -1)
+        rest = (~dn).nonzero().squeeze(1)
+        return res.index_copy(0, rest, self._find_rows(hi[rest], lo[rest], insert))
+
+    def _find_rows(self, hi, lo, insert: bool):
         """Slot of each key (-1 if absent and not inserting). Probe rounds read windows of
         1, 4, then _W consecutive slots; the key, if present, precedes the first empty slot.
         Inserting claims that empty slot (its second word, 0 while empty, serves as scratch):
@@ -289,12 +305,12 @@ class _ExactTable:
 
     # CPU streaming path in numpy (several times less per-call overhead than torch on these
     # small arrays; the table is shared memory, so both paths see the same rows).
-    def _probe_np(self, hi, lo):
+    def _probe_np(self, hi, lo, sh=None):
         """Lookup without insert; hi, lo int64 arrays -> (res, counts): res is the slot of each
         key if present, else -1 - e where e is the first empty slot on its probe path (where
-        linear probing would insert it); counts 0 for absent keys."""
+        linear probing would insert it); counts 0 for absent keys. sh: _shift(lo), if known."""
         tab = self.tab.numpy()
-        sh = self._shift(lo)
+        sh = self._shift(lo) if sh is None else sh
         hmask = (1 << sh) - 1
         h = self._hash(hi, lo)                             # same expression on arrays (wraps alike)
         rows = tab.take(h, axis=0)
@@ -318,20 +334,21 @@ class _ExactTable:
             W = _W
         return res, cnt
 
-    def add_probed(self, hi, lo, res, cnt):
+    def add_probed(self, hi, lo, res, cnt, sh=None):
         """c(key) += 1 per occurrence, given (res, cnt) = _probe_np(hi, lo) against the current
         table (CPU; numpy int64; res is overwritten). Keys present: their rows' counts are
         incremented in place. Absent keys are sorted by the empty slot where they would go; each
         slot's first occurrence writes its row once, with the number of occurrences of its key
-        there. An occurrence whose empty slot went to another key probes again (it is taken now)."""
+        there. An occurrence whose empty slot went to another key probes again (it is taken now).
+        No dense keys here (nor in _probe_np): the caller counts those itself."""
         n = hi.size
         if n >= 1 << _QBITS:
             return self.add(torch.from_numpy(hi), torch.from_numpy(lo))
-        sh = self._shift(lo)
-        if (cnt + n >> (63 - sh)).any():                      # could a count outgrow its bits?
+        sh = self._shift(lo) if sh is None else sh
+        if n and int(cnt.max()) + n >> (63 - int(sh.max())):   # could a count outgrow its bits?
             return self.add(torch.from_numpy(hi), torch.from_numpy(lo))   # (checks exactly)
         if self._grow_for(n):                                  # slots moved: probe again
-            res = self._probe_np(hi, lo)[0]
+            res = self._probe_np(hi, lo, sh)[0]
         tab = self.tab.numpy()
         rows, flat = tab.view(_ROW).reshape(-1), tab.reshape(-1)   # one item per row / word
         q = np.arange(n)
@@ -368,11 +385,15 @@ class _ExactTable:
             self.size += int(lead.size)
             q = q[lost]
             if q.size:
-                res[q] = self._probe_np(hi[q], lo[q])[0]
+                res[q] = self._probe_np(hi[q], lo[q], sh[q])[0]
 
     def counts_at(self, slot):
-        rows = self.tab.index_select(0, slot.clamp(min=0))
-        return torch.where(slot >= 0, rows[:, 1] >> self._shift(rows[:, 0]), 0)
+        S = self.mask + 1
+        rows = self.tab.index_select(0, slot.clamp(0, S - 1))
+        out = torch.where(slot >= 0, rows[:, 1] >> self._shift(rows[:, 0]), 0)
+        if self.dense is None:
+            return out
+        return torch.where(slot >= S, self.dense.index_select(0, (slot - S).clamp(min=0)), out)
 
     def count(self, hi, lo):
         return self.counts_at(self._find(hi, lo, insert=False))
@@ -405,7 +426,7 @@ class _ExactTable:
             self.size = int(fits.sum())
             old = old[~fits]
         hi = old[:, 1] & ((1 << self._shift(old[:, 0])) - 1)
-        self.tab[:, 1].index_copy_(0, self._find(hi, old[:, 0], insert=True), old[:, 1])
+        self.tab[:, 1].index_copy_(0, self._find_rows(hi, old[:, 0], insert=True), old[:, 1])
 
     def _grow_for(self, n) -> bool:
         """Before adding up to n new keys: grow (x4, or more) if the load would pass 1/2."""
@@ -430,6 +451,11 @@ class _ExactTable:
         else:
             miss = (slot < 0).nonzero().squeeze(1)
             slot = slot.scatter(0, miss, self._find(hi[miss], lo[miss], insert=True))
+        if self.dense is not None:
+            dn = slot > self.mask
+            self.dense.index_add_(0, slot[dn] - (self.mask + 1), torch.ones_like(slot[dn]))
+            keep = (~dn).nonzero().squeeze(1)
+            slot, lo = slot[keep], lo[keep]
         sh = self._shift(lo)
         self.tab.view(-1).index_add_(0, slot * 2 + 1, 1 << sh)
         bad = self.tab[:, 1].index_select(0, slot) < 0        # count reached 2**(63 - sh)
@@ -477,8 +503,10 @@ class BackoffNgramMixer(_MixerAPI):
         self._tag = torch.tensor([_wrap64(L << 60) for L in range(1, max_order + 1)], device=self.device)
         self._tag_np = self._tag.cpu().numpy()
         shifts = [self.b * max(0, L - self.k_lo) for L in range(16)]
+        self._shifts_np = np.array(shifts)
         grams = 2 * (max_order - 1) * expected_tokens                       # slots at load <= 1/2
-        self.table = _ExactTable(self.device, max(_LOG2CAP, grams.bit_length()), shifts)   # lengths 2..max_order
+        dense = (2, 2 * self.b) if 2 * self.b <= 22 else None               # bigrams: a [V*V] array
+        self.table = _ExactTable(self.device, max(_LOG2CAP, grams.bit_length()), shifts, dense)
         self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
         self.N = 0
         self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)   # last max_order-1 tokens
@@ -550,16 +578,19 @@ class BackoffNgramMixer(_MixerAPI):
         K = self.max_order
         if memo is None or memo[0].shape != (K, n):
             return False
-        toks, hi, lo, slot, cnt, tab, size = memo                      # [K(-1), n], newest first
+        toks, bigram, hi, lo, slot, cnt, sh, tab, size = memo          # [K, n] / [., n], newest first
         pad = np.concatenate([np.zeros(K - 1 - (seq.size - n), dtype=np.int64), seq])
         if not all(np.array_equal(toks[j], pad[K - 1 - j: K - 1 - j + n]) for j in range(K)):
             return False
         if tab is not self.table.tab or size != self.table.size:         # table changed since
             return False
-        if self.N < K - 1:
-            okT = self._fits(n)[:, 1:].T.numpy()
-            hi, lo, slot, cnt = hi[okT], lo[okT], slot[okT], cnt[okT]
-        self.table.add_probed(hi.ravel(), lo.ravel(), slot.ravel(), cnt.ravel())
+        okT = self._fits(n)[:, 1:].T.numpy() if self.N < K - 1 else None   # [K-1, n]: lengths 2..K
+        if bigram is not None:
+            np.add.at(self.table.dense.numpy(), bigram if okT is None else bigram[okT[0]], 1)
+        if okT is not None:
+            okT = okT[K - 1 - hi.shape[0]:]
+            hi, lo, slot, cnt, sh = hi[okT], lo[okT], slot[okT], cnt[okT], sh[okT]
+        self.table.add_probed(hi.ravel(), lo.ravel(), slot.ravel(), cnt.ravel(), sh.ravel())
         return True
 
     # --- counts -----------------------------------------------------------------------------
@@ -680,16 +711,30 @@ class BackoffNgramMixer(_MixerAPI):
         prev[1:] = (t_in[1:] > t_in[:-1]) & (y[:-1] == x[1:])       # row m-1: same row, y = x_t
         r = np.flatnonzero(~prev)                                    # rows needing own context lookup
         chi, clo = self._keys_np(toks[1:, r])
-        res, cnt = self.table._probe_np(np.concatenate([hi[1:].ravel(), chi[1:].ravel()]),
-                                        np.concatenate([lo[1:].ravel(), clo[1:].ravel()]))
-        self._memo = (toks, hi[1:], lo[1:], res[: M * K1].reshape(K1, M), cnt[: M * K1].reshape(K1, M),
-                      self.table.tab, self.table.size)
+        d = 1 + (self.table.dense is not None)                       # first length in the table
+        sh = np.concatenate([np.repeat(self._shifts_np[d + 1: K1 + 2], M),
+                             np.repeat(self._shifts_np[d + 1: K1 + 1], r.size)])
+        res, cnt = self.table._probe_np(np.concatenate([hi[d:].ravel(), chi[d:].ravel()]),
+                                        np.concatenate([lo[d:].ravel(), clo[d:].ravel()]), sh)
+        n_t = M * (K1 + 1 - d)                                       # the target grams' share
+        tc = np.empty((K1, M), dtype=np.int64)
+        tc[d - 1:] = cnt[:n_t].reshape(-1, M)
+        c_r = cnt[n_t:].reshape(-1, r.size)                          # own context counts, lengths d..K1
+        bigram = None
+        if d == 2:                                                   # bigrams: from the dense array
+            bigram = lo[1] & self.table.dense_mask
+            dense = self.table.dense.numpy()
+            tc[0] = dense[bigram]
+            if K1 > 1:
+                c_r = np.concatenate([dense[clo[1] & self.table.dense_mask][None], c_r])
+        self._memo = (toks, bigram, hi[d:], lo[d:], res[:n_t].reshape(-1, M), cnt[:n_t].reshape(-1, M),
+                      sh[:n_t].reshape(-1, M), self.table.tab, self.table.size)
         avail = t_in >= np.arange(K1)[:, None]                       # ctx of j+1 tokens fits
-        tc = cnt[: M * K1].reshape(K1, M) * avail
+        tc *= avail
         cc = np.empty((K1, M), dtype=np.int64)
         cc[0] = self.uni.numpy()[x]
         cc[1:, 1:] = tc[:-1, :-1]
-        cc[1:, r] = cnt[M * K1:].reshape(K1 - 1, -1)
+        cc[1:, r] = c_r
         L = min(K1, self.tail.numel())                               # minus 1 where ctx = stream suffix
         if L:
             tail, match = self.tail.numpy(), np.ones(M, dtype=bool)

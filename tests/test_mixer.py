@@ -205,7 +205,8 @@ def test_score_changes_no_state(rule):
     for _ in range(2):
         m.score(torch.randn(1, 90, 32), x, y)
     assert torch.equal(m.score(logits, x, y), before)
-    assert torch.equal(m.table.tab, ref.table.tab) and torch.equal(m.uni, ref.uni) and m.N == ref.N
+    assert torch.equal(m.table.tab, ref.table.tab) and torch.equal(m.table.dense, ref.table.dense)
+    assert torch.equal(m.uni, ref.uni) and m.N == ref.N
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -296,7 +297,8 @@ def test_table_exact_under_worst_case_collisions():
 
 @pytest.mark.parametrize("rule,min_count,chunk,V,K", [("backoff", 1, 97, 24, 6), ("dirichlet", 1, 256, 24, 6),
                                                       ("backoff", 2, 1, 24, 6), ("dirichlet", 3, 1000, 24, 6),
-                                                      ("backoff", 1, 300, 1024, 10), ("dirichlet", 1, 64, 1024, 10)])
+                                                      ("backoff", 1, 300, 1024, 10), ("dirichlet", 1, 64, 1024, 10),
+                                                      ("dirichlet", 1, 128, 4096, 8)])   # no dense bigrams
 def test_whole_stream_path_is_bitwise_the_streaming_path(rule, min_count, chunk, V, K):
     N = 2500                                          # V = 1024, K = 10: keys use both words
     s = text_like(N, V, 13)
@@ -354,4 +356,4 @@ def test_score_then_update_builds_the_same_table_as_update(rule):
         b.update(s[done:e + 1])
         done = e + 1
     rows = lambda m: sorted(map(tuple, m.table.tab[m.table.tab[:, 0] != 0].tolist()))
-    assert a.table.size == b.table.size and rows(a) == rows(b)
+    assert a.table.size == b.table.size and rows(a) == rows(b) and torch.equal(a.table.dense, b.table.dense)
