@@ -31,16 +31,20 @@ rules, and p(y) needs only p_net(y) and H: the distributed evaluation gathers ju
 numbers per position (`score_from_net`). Row t uses only the stream, x_{..t} and y_t.
 The default rule is "dirichlet" (beta = 32): it beat "backoff" on held-out text (docs/mixer.md).
 
-Storage. Every gram of length 2..max_order that occurred is one row (hi, lo, count) of a linear-
-probing table; its key is the gram's tokens themselves (b = ceil(log2 V) bits each: the newest
-63 // b in lo, a 5-bit length tag and the older ones in hi), so V = 1024 allows max_order <= 11
-and lookups compare the whole key: no collisions. Unigram counts are a dense [V] vector.
+Storage. Unigram counts are a dense [V] vector and bigram counts a dense [V*V] one (for
+V <= 2048). Every longer gram that occurred is one 16-byte row of a linear-probing table keyed
+by the gram's tokens themselves (b = ceil(log2 V) bits each): lo = the newest 60 // b tokens +
+the length as a 4-bit tag, and the row's second word = the older tokens + count * 2**(their
+bits). Lookups compare the whole key: no collisions. V = 1024 allows max_order <= 10, and a
+10-gram's count up to 2**23 (more raises OverflowError; shorter grams hold far more). The table
+starts at 2**24 rows (256 MiB, about the record's 288 MiB of hashed counters), is grown 4x when
+half full, and sits on 2 MiB pages where Linux allows.
 score() looks up the target gram of every order in one batch; the context counts of row t are
-the target counts of row t-1 (y_{t-1} = x_t), and the slots found are kept so that the
-update() that follows with the same tokens only probes for grams that were absent. On CPU that
-streaming path runs in numpy on the same table memory (lower per-call overhead than torch), and
-a lookup also returns, for an absent gram, the empty slot where it would go: update() claims it
-directly (the probability arithmetic stays in torch, shared with every other path).
+the target counts of row t-1 (y_{t-1} = x_t). The slots found are kept, so the update() that
+follows with the same tokens writes without probing again: counts of present grams go up in
+place, and each absent gram takes the empty slot its lookup stopped at (one write per new row).
+On CPU that streaming path runs in numpy (lower per-call overhead than torch), with the same
+arithmetic as the torch path, so the same bits.
 `score_stream` gives the same numbers, bitwise, for a whole known stream at once (one stable sort
 per gram length instead of the table).
 

@@ -9,7 +9,8 @@ Then, for reference, the exact mixer's whole-stream path score_stream (same numb
 streaming path, bitwise) on the same stream: not a streaming contract, only usable when the
 whole stream is known (the validation set).
 Tables are allocated before the clock starts: the hashed rule's fixed 2 x 9 x 4,194,304 counters,
-the exact table pre-sized with expected_tokens = stream length (2 (max_order-1) slots per token).
+the exact table pre-sized with expected_tokens = stream length (2 (max_order-1) slots per token),
+and once more at its default size (2**24 rows, 256 MiB), which may have to grow during the run.
 Prints tokens/s, the ratio exact/hashed, mixer state size and peak RSS (or CUDA peak).
 
     python bench/bench_mixer.py [--tokens N] [--chunk 4096] [--shard PATH] [--device cpu]
@@ -75,6 +76,7 @@ def main():
              lambda: HashedTargetOnlyMixer(V, args.max_order, device=dev)),
             ("exact BackoffNgramMixer rule=backoff", lambda: BackoffNgramMixer(V, args.max_order, device=dev, rule="backoff", expected_tokens=stream.numel())),
             ("exact BackoffNgramMixer rule=dirichlet", lambda: BackoffNgramMixer(V, args.max_order, device=dev, rule="dirichlet", expected_tokens=stream.numel())),
+            ("exact rule=dirichlet, default table size", lambda: BackoffNgramMixer(V, args.max_order, device=dev)),
         ]:
             m = make()
             if dev.type == "cuda":
@@ -87,7 +89,8 @@ def main():
                   f"  peak {'CUDA' if dev.type == 'cuda' else 'RSS so far'} {peak:,.0f} MiB  mean nll {nll / (stream.numel() - P - 1):.4f}")
             del m
         rates = list(res.values())
-        print(f"[{mode:6s}] speed ratio exact/hashed: backoff {rates[1] / rates[0]:.2f}x, dirichlet {rates[2] / rates[0]:.2f}x")
+        print(f"[{mode:6s}] speed ratio exact/hashed: backoff {rates[1] / rates[0]:.2f}x, dirichlet {rates[2] / rates[0]:.2f}x"
+              f" (default table size {rates[3] / rates[0]:.2f}x)")
     logp = torch.log_softmax(logits, -1)
     idx = torch.arange(stream.numel() - 1, device=dev) % args.chunk
     lp_y, H = logp[idx, stream[1:]], -(logp.exp() * logp).sum(-1)[idx]

@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mixer-tokens", type=int, default=None, help=f"Zipf stream length ({VAL_TOKENS:,}; smoke 20,000)")
     ap.add_argument("--mixer-seconds", type=float, default=150.0, help="cap on the mixer's time")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole check; the mixer gets what is left")
+    ap.add_argument("--phases", default="env,model,train,export,eval,mixer",
+                    help="comma list of the phases to run (default: all)")
     a = ap.parse_args(argv)
     smoke = a.cpu_smoke
     device = torch.device("cpu") if smoke or not torch.cuda.is_available() else torch.device("cuda")
@@ -270,18 +272,23 @@ def main(argv=None) -> int:
                                             seqs, log=check.log)
         return res
 
-    check.phase("env", lambda: phase_env(device))
-    check.phase("model", lambda: phase_model(args))
-    check.phase("train", train)
-    check.phase("export", lambda: phase_export(args, device, state, seqs or 8))
-    check.phase("eval", lambda: time_sliding(state.get("eval_model") or random_eval_model(args, device), args, device,
-                                             a.eval_windows or (4 if smoke else 16) * args.eval_batch_seqs, log=check.log))
+    phases = a.phases.split(",")
+    unknown = set(phases) - {"env", "model", "train", "export", "eval", "mixer"}
+    if unknown:
+        ap.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    run = lambda name, fn: check.phase(name, fn) if name in phases else None   # noqa: E731
+    run("env", lambda: phase_env(device))
+    run("model", lambda: phase_model(args))
+    run("train", train)
+    run("export", lambda: phase_export(args, device, state, seqs or 8))
+    run("eval", lambda: time_sliding(state.get("eval_model") or random_eval_model(args, device), args, device,
+                                     a.eval_windows or (4 if smoke else 16) * args.eval_batch_seqs, log=check.log))
     state.clear()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    check.phase("mixer", lambda: phase_mixer(args, device, a.mixer_tokens or (20_000 if smoke else VAL_TOKENS),
-                                             check, a.mixer_seconds))
+    run("mixer", lambda: phase_mixer(args, device, a.mixer_tokens or (20_000 if smoke else VAL_TOKENS),
+                                     check, a.mixer_seconds))
     table = summary(check.results, mode)
     (check.out / "gpu_check_summary.txt").write_text(table + "\n")
     check.log(f"done in {time.perf_counter() - check.t0:.1f} s; failed phases: {check.failed() or 'none'}")

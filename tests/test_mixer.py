@@ -357,3 +357,15 @@ def test_score_then_update_builds_the_same_table_as_update(rule):
         done = e + 1
     rows = lambda m: sorted(map(tuple, m.table.tab[m.table.tab[:, 0] != 0].tolist()))
     assert a.table.size == b.table.size and rows(a) == rows(b) and torch.equal(a.table.dense, b.table.dense)
+
+
+def test_count_overflow_raises_instead_of_wrapping():
+    """A row's count shares its word with the key's older tokens: past its bits it must raise."""
+    from backoff_mixer import _ExactTable
+    t = _ExactTable("cpu", log2cap=6, shifts=(0,) * 8 + (60,) * 8)   # tags 8..15: counts < 2**3
+    hi, lo = np.array([5], dtype=np.int64), tagged(np.array([3], dtype=np.int64))
+    for _ in range(7):
+        t.add_probed(hi, lo, *t._probe_np(hi, lo))
+    assert t._probe_np(hi, lo)[1].tolist() == [7]
+    with pytest.raises(OverflowError, match="2\\*\\*3"):
+        t.add_probed(hi, lo, *t._probe_np(hi, lo))
