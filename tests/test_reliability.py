@@ -313,7 +313,8 @@ def test_two_ranks_config_error_exits_cleanly(work):
     out = p.stdout + p.stderr
     assert p.returncode != 0 and seconds < 60
     errors = [l for l in out.splitlines() if re.match(r"\[rank [01]\] error: TRAIN_BATCH_TOKENS=1000", l)]
-    assert len(errors) == 2, out[-3000:]
+    # both ranks find the error; under load torchrun may stop the slower one before it prints
+    assert 1 <= len(errors) <= 2, out[-3000:]
     assert 'train_gpt.py", line' not in out  # no traceback from our code (torchrun prints its own summary)
     assert snapshot(work.root).keys() >= {"logs/old.txt", "artifacts/old.ptz"}
 
