@@ -478,8 +478,9 @@ class BackoffNgramMixer(_MixerAPI):
 
     def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
                  alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
-                 device="cpu", rule: str = "dirichlet", beta: float = 32.0, expected_tokens: int = 0):
-        """expected_tokens: stream length to pre-size the gram table for (grown on demand anyway)."""
+                 device="cpu", rule: str = "dirichlet", beta: float = 32.0, expected_tokens: int | None = None):
+        """expected_tokens: stream length to pre-size the gram table for (it grows on demand anyway);
+        None: 2**24 rows (256 MiB); 0: the smallest table (for a mixer used only via score_stream)."""
         if max_order < 2:
             raise ValueError(f"max_order must be >= 2, got {max_order}")
         if min_count < 1:
@@ -508,9 +509,10 @@ class BackoffNgramMixer(_MixerAPI):
         self._tag_np = self._tag.cpu().numpy()
         shifts = [self.b * max(0, L - self.k_lo) for L in range(16)]
         self._shifts_np = np.array(shifts)
-        grams = 2 * (max_order - 1) * expected_tokens                       # slots at load <= 1/2
+        grams = 2 * (max_order - 1) * (expected_tokens or 0)                # slots at load <= 1/2
         dense = (2, 2 * self.b) if 2 * self.b <= 22 else None               # bigrams: a [V*V] array
-        self.table = _ExactTable(self.device, max(_LOG2CAP, grams.bit_length()), shifts, dense)
+        log2cap = _LOG2CAP if expected_tokens is None else max(_LOG2CAP_MIN, grams.bit_length())
+        self.table = _ExactTable(self.device, log2cap, shifts, dense)
         self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
         self.N = 0
         self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)   # last max_order-1 tokens

@@ -1069,7 +1069,8 @@ def make_mixer(args: Hyperparameters, device):
     try:
         return BackoffNgramMixer(vocab_size=args.vocab_size, max_order=args.ngram_order, min_count=args.ngram_min_count,
                                  alpha_base=args.alpha_base, alpha_range=args.alpha_range, alpha_center=args.alpha_center,
-                                 device=str(device), rule=args.ngram_rule, beta=args.ngram_beta)
+                                 device=str(device), rule=args.ngram_rule, beta=args.ngram_beta,
+                                 expected_tokens=0)   # mix_stream uses score_stream: no table
     except ValueError as e:
         raise UserError(f"n-gram mixer settings rejected: {e}; fix NGRAM_ORDER/NGRAM_MIN_COUNT/NGRAM_BETA") from None
 

@@ -184,7 +184,9 @@ def phase_mixer(args, device, n_tokens: int, check: Check, cap_s: float) -> dict
         res.update(whole_stream_s=None, whole_stream_error="CUDA out of memory")
     if device.type == "cuda":
         res["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    mixer = train_gpt.make_mixer(args, device)
+    mixer = BackoffNgramMixer(vocab_size=args.vocab_size, max_order=args.ngram_order, min_count=args.ngram_min_count,
+                              alpha_base=args.alpha_base, alpha_range=args.alpha_range, alpha_center=args.alpha_center,
+                              device=device, rule=args.ngram_rule, beta=args.ngram_beta)   # default table size
     budget = max(min(cap_s, check.remaining() - 20), 10.0)
     stream_d, done, stopped, t0 = stream.to(device), 0, None, time.perf_counter()
     mixer.update(stream_d[:1])

@@ -134,3 +134,15 @@ def test_mixer_claims_runs_on_a_dump(tmp_path, capsys):
     rows = {line[:62].strip(): float(line[62:71]) for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["network alone"] == pytest.approx(10 / 2)  # log2(1024) bits over 2 bytes per token
     assert rows["exact dirichlet"] < rows["network alone"] and rows["exact backoff"] < rows["network alone"]
+
+
+def test_bench_mixer_tiny():
+    """bench/bench_mixer.py at a tiny size: every mixer line and the ratios print, and both exact rules
+    report the same mean NLL whatever the table size (the pre-sized and the default table)."""
+    p = run([sys.executable, str(BENCH / "bench_mixer.py"), "--tokens", "20000", "--chunk", "1000", "--modes", "net"],
+            clean_env(), timeout=120)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("[net")]
+    assert len(lines) == 5 and "speed ratio exact/hashed" in lines[-1] and "default table size" in lines[-1]
+    nll = {l.split("mean nll")[0][8:60].strip(): float(l.split("mean nll")[1]) for l in lines[:4]}
+    assert nll["exact BackoffNgramMixer rule=dirichlet"] == nll["exact rule=dirichlet, default table size"]
+    assert sum("score_stream" in l for l in p.stdout.splitlines()) == 2
