@@ -404,3 +404,10 @@ def test_mixed_scores_equal_the_streaming_contract(trained):
         m.update(val[a + 1:e + 1])
     np.testing.assert_allclose(torch.cat(out).double().numpy(), dump["nll"], rtol=0, atol=1e-6)
     assert dump["nll"].sum() < dump["nll_neural"].sum()  # mixing helps on held-out text
+
+
+def test_eval_mixer_holds_no_table():
+    """The eval only calls score_stream: make_mixer's mixer must not allocate the 256 MiB streaming table."""
+    args = train_gpt.Hyperparameters(env={}, preset="record")
+    m = train_gpt.make_mixer(args, "cpu")
+    assert m.memory_bytes() < 9 * 2**20 and m.table.bits <= 8    # 8 MiB of dense bigrams, a tiny table
