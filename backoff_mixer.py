@@ -195,7 +195,7 @@ _W = 16                                                 # probe rounds read 1, 4
 _ROW = np.dtype((np.void, 16))                          # one table row (2 words) as one numpy item
 _QBITS = 23                                             # add_probed: occurrences per call < 2**23
 _LOG2CAP = 24                                           # default table: 2**24 rows, 256 MiB
-_LOG2CAP_MIN = 4
+_LOG2CAP_MIN = 4                                         # smallest table: 16 rows
 
 
 def _wrap64(v: int) -> int:
@@ -551,19 +551,15 @@ class BackoffNgramMixer(_MixerAPI):
         K, n = self.max_order, tokens.numel()
         seq = torch.cat([self.tail, tokens])
         memo, self._memo = self._memo, None
-        if self.device.type == "cpu":
-            if not self._update_from_probe(memo, seq.numpy(), n):
-                hi, lo = self._keys(_rev_windows(seq[None], n, K))
-                ok = self._fits(n)
-                self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1))
-        else:
+        cpu = self.device.type == "cpu"
+        if not (cpu and self._update_from_probe(memo, seq.numpy(), n)):
             rev = _rev_windows(seq[None], n, K)                          # [n, K] newest first
-            hi, lo = self._keys(rev)
             ok = self._fits(n)
-            if memo is not None and memo[0].shape == rev.shape and bool((memo[0] == rev).all()):
+            if not cpu and memo is not None and memo[0].shape == rev.shape and bool((memo[0] == rev).all()):
                 _, hi, lo, slot = memo                                    # score() looked these up
                 self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1), slot[ok].reshape(-1))
             else:
+                hi, lo = self._keys(rev)
                 self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1))
         self.uni += torch.bincount(tokens, minlength=self.V)
         self.N += n

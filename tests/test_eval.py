@@ -19,7 +19,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import ROOT, log_value, make_dataset, run_cli, tiny_env_for
+from conftest import ROOT, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
 import train_gpt
 from train_gpt import GPT, Hyperparameters
 
@@ -372,9 +372,8 @@ def test_two_gloo_ranks_score_like_one(trained):
     """A real 2-rank run (torchrun, gloo): each rank scores half the windows; the gathered arrays equal world 1's."""
     env = dict(tiny_env_for(trained.data, trained.sample), RUN_ID="two", EVAL_ONLY="1", ARTIFACT=str(trained.artifact),
                EVAL_DUMP="two.npz")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(trained.code / "train_gpt.py")], cwd=trained.root, env=env, capture_output=True, text=True,
-                       timeout=120)
+    p = run_two_ranks([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(trained.code / "train_gpt.py")], trained.root, env, timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "world_size:2 backend:gloo" in p.stdout
     two, one = np.load(trained.root / "two.npz"), np.load(trained.root / "train.npz")

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-from conftest import SCRIPT, make_dataset, run_cli, tiny_env_for  # noqa: E402
+from conftest import SCRIPT, make_dataset, run_cli, run_two_ranks, tiny_env_for  # noqa: E402
 
 TINY = dict(NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", VE_LAYERS="1,2", XSA_LAST_N="2",
             BIGRAM_DIM="16", VE_DIM="16", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="32",
@@ -162,7 +162,7 @@ def run_train(tmp, env, nproc=1, **extra):
     if nproc == 1:
         return run_cli(env, tmp, timeout=300, **extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT)]
-    return subprocess.run(cmd, cwd=tmp, env=dict(env, **extra), capture_output=True, text=True, timeout=300)
+    return run_two_ranks(cmd, tmp, dict(env, **extra), timeout=300)
 
 
 def numbers(log_text, key):
