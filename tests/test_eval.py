@@ -9,7 +9,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
