@@ -671,6 +671,8 @@ class BackoffNgramMixer(_MixerAPI):
         B, T = yn.shape
         if xn.ndim != 2 or xn.shape[0] != B or xn.shape[1] < T:
             raise ValueError(f"x {tuple(xn.shape)} must be [B, P+T] for B={B}, T={T}")
+        if not B * T:
+            return torch.zeros(B, T, dtype=torch.promote_types(logp_y.dtype, torch.float32))
         K1, P = self.max_order - 1, xn.shape[1] - T
         xp = np.zeros((B, K1 + xn.shape[1]), dtype=np.int64)
         xp[:, K1:] = xn

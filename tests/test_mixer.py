@@ -369,3 +369,15 @@ def test_count_overflow_raises_instead_of_wrapping():
     assert t._probe_np(hi, lo)[1].tolist() == [7]
     with pytest.raises(OverflowError, match="2\\*\\*3"):
         t.add_probed(hi, lo, *t._probe_np(hi, lo))
+
+
+def test_scoring_no_rows_returns_an_empty_result():
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        m = BackoffNgramMixer(vocab_size=64, max_order=4, device=device, expected_tokens=0)
+        m.update(torch.arange(20))
+        for T in (0, 3):
+            out = m.score_from_net(torch.zeros(1, T), torch.zeros(1, T), torch.arange(5)[None, :max(T, 2)],
+                                   torch.zeros(1, T, dtype=torch.long))
+            assert out.shape == (1, T) and torch.isfinite(out).all()
+        assert m.score_from_net(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 5, dtype=torch.long),
+                                torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
