@@ -252,6 +252,10 @@ class _ExactTable:
             return self.sh_np[(lo >> 60) & 15]
         return self.sh[(lo >> 60) & 15]
 
+    def _row_hi(self, rows):
+        """The key's hi of table rows [.., 2] (their second word without the count)."""
+        return rows[:, 1] & ((1 << self._shift(rows[:, 0])) - 1)
+
     @staticmethod
     def _overflow(sh):
         raise OverflowError(f"an n-gram count reached 2**{63 - int(sh)}, the most this exact table holds "
@@ -410,7 +414,7 @@ class _ExactTable:
             tab = self.tab.numpy()
             old = tab[tab[:, 0] != 0]
             self._alloc(log2cap)
-            h = self._hash(old[:, 1] & ((1 << self._shift(old[:, 0])) - 1), old[:, 0])
+            h = self._hash(self._row_hi(old), old[:, 0])
             order = np.argsort(h)
             h, old = h[order], old[order]
             i = np.arange(h.size)
@@ -422,15 +426,14 @@ class _ExactTable:
         else:
             old = self.tab[self.tab[:, 0] != 0]
             self._alloc(log2cap)
-            h, order = self._hash(old[:, 1] & ((1 << self._shift(old[:, 0])) - 1), old[:, 0]).sort()
+            h, order = self._hash(self._row_hi(old), old[:, 0]).sort()
             old, i = old[order], torch.arange(h.numel(), device=self.device)
             p = (h - i).cummax(0).values + i
             fits = p <= self.mask
             self.tab.index_copy_(0, p[fits], old[fits])
             self.size = int(fits.sum())
             old = old[~fits]
-        hi = old[:, 1] & ((1 << self._shift(old[:, 0])) - 1)
-        self.tab[:, 1].index_copy_(0, self._find_rows(hi, old[:, 0], insert=True), old[:, 1])
+        self.tab[:, 1].index_copy_(0, self._find_rows(self._row_hi(old), old[:, 0], insert=True), old[:, 1])
 
     def _grow_for(self, n) -> bool:
         """Before adding up to n new keys: grow (x4, or more) if the load would pass 1/2."""
@@ -508,7 +511,6 @@ class BackoffNgramMixer(_MixerAPI):
         self._tag = torch.tensor([_wrap64(L << 60) for L in range(1, max_order + 1)], device=self.device)
         self._tag_np = self._tag.cpu().numpy()
         shifts = [self.b * max(0, L - self.k_lo) for L in range(16)]
-        self._shifts_np = np.array(shifts)
         grams = 2 * (max_order - 1) * (expected_tokens or 0)                # slots at load <= 1/2
         dense = (2, 2 * self.b) if 2 * self.b <= 22 else None               # bigrams: a [V*V] array
         log2cap = _LOG2CAP if expected_tokens is None else max(_LOG2CAP_MIN, grams.bit_length())
@@ -716,8 +718,8 @@ class BackoffNgramMixer(_MixerAPI):
         r = np.flatnonzero(~prev)                                    # rows needing own context lookup
         chi, clo = self._keys_np(toks[1:, r])
         d = 1 + (self.table.dense is not None)                       # first length in the table
-        sh = np.concatenate([np.repeat(self._shifts_np[d + 1: K1 + 2], M),
-                             np.repeat(self._shifts_np[d + 1: K1 + 1], r.size)])
+        sh_of = self.table.sh_np                                     # by gram length
+        sh = np.concatenate([np.repeat(sh_of[d + 1: K1 + 2], M), np.repeat(sh_of[d + 1: K1 + 1], r.size)])
         res, cnt = self.table._probe_np(np.concatenate([hi[d:].ravel(), chi[d:].ravel()]),
                                         np.concatenate([lo[d:].ravel(), clo[d:].ravel()]), sh)
         n_t = M * (K1 + 1 - d)                                       # the target grams' share
