@@ -44,7 +44,8 @@ the target counts of row t-1 (y_{t-1} = x_t). The slots found are kept, so the u
 follows with the same tokens writes without probing again: counts of present grams go up in
 place, and each absent gram takes the empty slot its lookup stopped at (one write per new row).
 On CPU that streaming path runs in numpy (lower per-call overhead than torch), with the same
-arithmetic as the torch path, so the same bits.
+arithmetic as the torch path, so the same bits; the table's probes and writes there are two
+small loops compiled by numba (numpy does the same, more slowly, where numba is missing).
 `score_stream` gives the same numbers, bitwise, for a whole known stream at once (one stable sort
 per gram length instead of the table).
 
@@ -89,22 +90,17 @@ def _rev_windows(x: torch.Tensor, T: int, K: int) -> torch.Tensor:
     return win.flip(-1).reshape(B * T, K)
 
 
-def _net_stats(logits: torch.Tensor):
-    """log p_net [.., V] and its entropy H [..] (nats), in float32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp, -(logp.exp() * logp).sum(-1)
-
-
-def _net_target_stats(logits: torch.Tensor, y: torch.Tensor):
-    """log p_net(y) and H from one exp pass over the logits l (float32): d = l - max l,
-    Z = sum exp(d), log p(y) = d_y - log Z, H = log Z - sum exp(d) d / Z."""
-    d = logits.float()
-    d = d - d.amax(-1, keepdim=True)
-    e = d.exp()
-    Z = e.sum(-1)
-    S = (e.unsqueeze(-2) @ d.unsqueeze(-1)).reshape(Z.shape)
-    logZ = Z.log()
-    return d.gather(-1, y.unsqueeze(-1)).squeeze(-1) - logZ, logZ - S / Z
+def _net_stats(logits: torch.Tensor, y: torch.Tensor | None = None, rows: int = 256):
+    """log p_net = log_softmax(logits) in float32 and its entropy H = -sum_v p log p (nats),
+    `rows` rows at a time (cache-sized blocks: several times faster on CPU than whole-batch
+    passes, same bits). Returns (log p_net [.., V], H [..]), or with targets y (log p_net(y), H)."""
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    flat, lp, H = logits.reshape(-1, V), [], []
+    for i in range(0, max(1, flat.shape[0]), rows):                 # (one empty block if no rows)
+        logp = torch.log_softmax(flat[i:i + rows].float(), dim=-1)
+        lp.append(logp if y is None else logp.gather(-1, y.reshape(-1, 1)[i:i + rows]).squeeze(-1))
+        H.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(lp).reshape(logits.shape if y is None else lead), torch.cat(H).reshape(lead)
 
 
 class _MixerAPI:
@@ -119,7 +115,7 @@ class _MixerAPI:
         self._check_logits(logits)
         y = y.to(logits.device).long()
         _check_tokens(y, self.V, "y")
-        logp_y, H = _net_target_stats(logits, y)
+        logp_y, H = _net_stats(logits, y)
         return self.score_from_net(logp_y, H, x, y)
 
     def score_from_net(self, logp_y, entropy, x, y):
@@ -195,6 +191,7 @@ _W = 16                                                 # probe rounds read 1, 4
 _ROW = np.dtype((np.void, 16))                          # one table row (2 words) as one numpy item
 _QBITS = 23                                             # add_probed: occurrences per call < 2**23
 _LOG2CAP = 24                                           # default table: 2**24 rows, 256 MiB
+_BLOCK = 1 << 16                                        # CPU update(): tokens keyed and probed at once
 _LOG2CAP_MIN = 4                                         # smallest table: 16 rows
 
 
@@ -214,6 +211,63 @@ def _zeros_int64(shape, device) -> torch.Tensor:
     a = np.frombuffer(mm, dtype=np.int64)
     a[::512] = 0                                  # fault every page in now, as torch.zeros does
     return torch.from_numpy(a.reshape(shape))
+
+
+def _probe_rows(tab, hi, lo, sh, mask, res, cnt):
+    """numba kernel of _ExactTable._probe_np, given each key's home slot in res."""
+    flat = tab.reshape(-1)
+    for i in range(hi.size):          # home rows first: these loads do not wait on each other
+        cnt[i] = flat[2 * res[i]]
+    for i in range(hi.size):
+        h, k, w, hm = res[i], cnt[i], flat[2 * res[i] + 1], (1 << sh[i]) - 1
+        while k != 0 and (k != lo[i] or (w & hm) != hi[i]):
+            h = (h + 1) & mask
+            k, w = flat[2 * h], flat[2 * h + 1]
+        res[i], cnt[i] = (h, w >> sh[i]) if k != 0 else (~h, 0)
+
+
+def _add_rows(tab, hi, lo, res, sh, mask):
+    """numba kernel of _ExactTable.add_probed, one occurrence at a time: a present key's count
+    goes up in place; an absent one probes on from its empty slot (an earlier occurrence may
+    have taken it) and claims the first empty slot, unless it meets its own key first.
+    Returns (rows claimed, index of an occurrence whose count overflowed, or -1)."""
+    claimed, bad = 0, -1
+    for i in range(hi.size):
+        h = res[i]
+        if h < 0:
+            h, hm = ~h, (1 << sh[i]) - 1
+            while tab[h, 0] != 0 and (tab[h, 0] != lo[i] or (tab[h, 1] & hm) != hi[i]):
+                h = (h + 1) & mask
+            if tab[h, 0] == 0:
+                tab[h, 0], tab[h, 1] = lo[i], hi[i]
+                claimed += 1
+        tab[h, 1] += 1 << sh[i]
+        if tab[h, 1] < 0:
+            bad = i
+    return claimed, bad
+
+
+_KERNELS = []
+
+
+def _kernels():
+    """(probe, add) compiled by numba (cached on disk), or None where numba is not installed:
+    the numpy code of _ExactTable then does the same work, more slowly."""
+    if not _KERNELS:
+        try:
+            import numba
+        except ImportError:
+            _KERNELS.append(None)
+        else:                                           # compiled (or loaded) now, not mid-stream
+            def jit(sig, f):
+                try:
+                    return numba.njit(sig, cache=True)(f)
+                except RuntimeError:                    # nowhere to cache: compile every time
+                    return numba.njit(sig)(f)
+            a = "int64[:]"
+            _KERNELS.append((jit(f"void(int64[:, ::1], {a}, {a}, {a}, int64, {a}, {a})", _probe_rows),
+                             jit(f"UniTuple(int64, 2)(int64[:, ::1], {a}, {a}, {a}, {a}, int64)", _add_rows)))
+    return _KERNELS[0]
 
 
 class _ExactTable:
@@ -319,6 +373,10 @@ class _ExactTable:
         linear probing would insert it); counts 0 for absent keys. sh: _shift(lo), if known."""
         tab = self.tab.numpy()
         sh = self._shift(lo) if sh is None else sh
+        if _kernels():
+            res, cnt = self._hash(hi, lo), np.empty_like(hi)
+            _kernels()[0](tab, hi, lo, sh, self.mask, res, cnt)
+            return res, cnt
         hmask = (1 << sh) - 1
         h = self._hash(hi, lo)                             # same expression on arrays (wraps alike)
         rows = tab.take(h, axis=0)
@@ -350,6 +408,15 @@ class _ExactTable:
         there. An occurrence whose empty slot went to another key probes again (it is taken now).
         No dense keys here (nor in _probe_np): the caller counts those itself."""
         n = hi.size
+        if _kernels():
+            sh = self._shift(lo) if sh is None else sh
+            if self._grow_for(n):
+                res = self._probe_np(hi, lo, sh)[0]
+            claimed, bad = _kernels()[1](self.tab.numpy(), hi, lo, res, sh, self.mask)
+            self.size += claimed
+            if bad >= 0:
+                self._overflow(sh[bad])
+            return
         if n >= 1 << _QBITS:
             return self.add(torch.from_numpy(hi), torch.from_numpy(lo))
         sh = self._shift(lo) if sh is None else sh
@@ -516,6 +583,8 @@ class BackoffNgramMixer(_MixerAPI):
         log2cap = _LOG2CAP if expected_tokens is None else max(_LOG2CAP_MIN, grams.bit_length())
         self.table = _ExactTable(self.device, log2cap, shifts, dense)
         self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
+        if self.device.type == "cpu":
+            _kernels()
         self.N = 0
         self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)   # last max_order-1 tokens
         self._memo = None   # the last score's target grams and where they are, for update
@@ -553,11 +622,12 @@ class BackoffNgramMixer(_MixerAPI):
         K, n = self.max_order, tokens.numel()
         seq = torch.cat([self.tail, tokens])
         memo, self._memo = self._memo, None
-        cpu = self.device.type == "cpu"
-        if not (cpu and self._update_from_probe(memo, seq.numpy(), n)):
+        if self.device.type == "cpu":
+            self._update_np(memo, seq.numpy(), n)
+        else:
             rev = _rev_windows(seq[None], n, K)                          # [n, K] newest first
             ok = self._fits(n)
-            if not cpu and memo is not None and memo[0].shape == rev.shape and bool((memo[0] == rev).all()):
+            if memo is not None and memo[0].shape == rev.shape and bool((memo[0] == rev).all()):
                 _, hi, lo, slot = memo                                    # score() looked these up
                 self.table.add(hi[ok].reshape(-1), lo[ok].reshape(-1), slot[ok].reshape(-1))
             else:
@@ -575,27 +645,36 @@ class BackoffNgramMixer(_MixerAPI):
         ok[:, 0] = False
         return ok
 
-    def _update_from_probe(self, memo, seq, n) -> bool:
-        """CPU update from the probe of the score() just before, if it scored exactly these
-        grams (the targets are the n new tokens, each with its stream context): the keys are
-        known and so is each one's row or empty slot. False if not applicable."""
-        K = self.max_order
-        if memo is None or memo[0].shape != (K, n):
-            return False
-        toks, bigram, hi, lo, slot, cnt, sh, tab, size = memo          # [K, n] / [., n], newest first
+    def _update_np(self, memo, seq, n):
+        """CPU update of the grams ending at the n new tokens (seq = tail + tokens). Their keys,
+        and where each one is (its row, or the empty slot it would take), come from the probe of
+        the score() just before if it scored exactly these grams against the table as it is;
+        otherwise they are built and probed here, _BLOCK tokens at a time."""
+        K, d = self.max_order, 1 + (self.table.dense is not None)    # d: first length in the table
         pad = np.concatenate([np.zeros(K - 1 - (seq.size - n), dtype=np.int64), seq])
-        if not all(np.array_equal(toks[j], pad[K - 1 - j: K - 1 - j + n]) for j in range(K)):
-            return False
-        if tab is not self.table.tab or size != self.table.size:         # table changed since
-            return False
-        okT = self._fits(n)[:, 1:].T.numpy() if self.N < K - 1 else None   # [K-1, n]: lengths 2..K
-        if bigram is not None:
-            np.add.at(self.table.dense.numpy(), bigram if okT is None else bigram[okT[0]], 1)
-        if okT is not None:
-            okT = okT[K - 1 - hi.shape[0]:]
-            hi, lo, slot, cnt, sh = hi[okT], lo[okT], slot[okT], cnt[okT], sh[okT]
-        self.table.add_probed(hi.ravel(), lo.ravel(), slot.ravel(), cnt.ravel(), sh.ravel())
-        return True
+        toks = np.stack([pad[K - 1 - j: K - 1 - j + n] for j in range(K)])   # [K, n] newest first
+        fresh = (memo is not None and memo[0].shape == toks.shape and np.array_equal(memo[0], toks)
+                 and memo[-2] is self.table.tab and memo[-1] == self.table.size)
+        step = n if fresh else _BLOCK
+        for a in range(0, n, step):
+            t = toks[:, a:a + step]
+            m = t.shape[1]
+            if fresh:
+                bigram, hi, lo, slot, cnt, sh = memo[1:7]
+            else:
+                hi, lo = self._keys_np(t)
+                bigram = lo[1] & self.table.dense_mask if d == 2 else None
+                hi, lo = hi[d:], lo[d:]
+                sh = np.repeat(self.table.sh_np[d + 1:K + 1], m).reshape(-1, m)
+                slot, cnt = (v.reshape(-1, m) for v in self.table._probe_np(hi.ravel(), lo.ravel(), sh.ravel()))
+            pos = self.N + a + np.arange(m)
+            okT = pos >= np.arange(1, K)[:, None] if pos[0] < K - 1 else None   # [K-1, m]: lengths 2..K fit
+            if bigram is not None:
+                np.add.at(self.table.dense.numpy(), bigram if okT is None else bigram[okT[0]], 1)
+            if okT is not None:
+                okT = okT[d - 1:]
+                hi, lo, slot, cnt, sh = hi[okT], lo[okT], slot[okT], cnt[okT], sh[okT]
+            self.table.add_probed(hi.ravel(), lo.ravel(), slot.ravel(), cnt.ravel(), sh.ravel())
 
     # --- counts -----------------------------------------------------------------------------
     def _suffix_match(self, rev_x):

@@ -17,6 +17,18 @@ RULES = BackoffNgramMixer.RULES
 TAG_SHIFTS = (0,) * 8 + (4,) * 8                     # _ExactTable keys: tags 8..15 carry hi < 16
 
 
+@pytest.fixture(params=["numba", "numpy"])
+def table_code(request, monkeypatch):
+    """Run a test of the CPU streaming path with the numba table kernels, and again with the
+    numpy code that stands in for them where numba is missing."""
+    import backoff_mixer
+    if request.param == "numba" and backoff_mixer._kernels() is None:
+        pytest.skip("numba is not installed")
+    if request.param == "numpy":
+        monkeypatch.setattr(backoff_mixer, "_KERNELS", [None])
+    return request.param
+
+
 def tagged(v):
     """Table keys' lo word for small values v: tag 9 in bits 60..63 (as int64: negative)."""
     return v + ((9 << 60) - (1 << 64))
@@ -210,7 +222,7 @@ def test_score_changes_no_state(rule):
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_streaming_is_independent_of_chunking_and_scoring(rule):
+def test_streaming_is_independent_of_chunking_and_scoring(rule, table_code):
     V, n, s = 32, 15000, text_like(16000, 32, 5)
     a = BackoffNgramMixer(vocab_size=V, max_order=6, rule=rule)
     b = BackoffNgramMixer(vocab_size=V, max_order=6, rule=rule)
@@ -299,7 +311,7 @@ def test_table_exact_under_worst_case_collisions():
                                                       ("backoff", 2, 1, 24, 6), ("dirichlet", 3, 1000, 24, 6),
                                                       ("backoff", 1, 300, 1024, 10), ("dirichlet", 1, 64, 1024, 10),
                                                       ("dirichlet", 1, 128, 4096, 8)])   # no dense bigrams
-def test_whole_stream_path_is_bitwise_the_streaming_path(rule, min_count, chunk, V, K):
+def test_whole_stream_path_is_bitwise_the_streaming_path(rule, min_count, chunk, V, K, table_code):
     N = 2500                                          # V = 1024, K = 10: keys use both words
     s = text_like(N, V, 13)
     g = torch.Generator().manual_seed(14)
@@ -319,7 +331,7 @@ def test_whole_stream_path_is_bitwise_the_streaming_path(rule, min_count, chunk,
     assert torch.equal(fast, torch.cat(out))
 
 
-def test_cpu_claim_path_matches_plain_insert_under_collisions():
+def test_cpu_claim_path_matches_plain_insert_under_collisions(table_code):
     """_probe_np + add_probed (score's probe reused by update on CPU): absent keys claim the empty
     slot their probe found; several claimants of one slot (equal or different keys), keys already
     present, wrap-around: the counts must equal those of the plain insert path."""
@@ -344,7 +356,7 @@ def test_cpu_claim_path_matches_plain_insert_under_collisions():
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_score_then_update_builds_the_same_table_as_update(rule):
+def test_score_then_update_builds_the_same_table_as_update(rule, table_code):
     V, n, s = 1024, 6000, text_like(6000, 1024, 21)
     a = BackoffNgramMixer(vocab_size=V, max_order=10, rule=rule)
     b = BackoffNgramMixer(vocab_size=V, max_order=10, rule=rule)
@@ -359,7 +371,25 @@ def test_score_then_update_builds_the_same_table_as_update(rule):
     assert a.table.size == b.table.size and rows(a) == rows(b) and torch.equal(a.table.dense, b.table.dense)
 
 
-def test_count_overflow_raises_instead_of_wrapping():
+def test_long_update_in_blocks_builds_the_same_table(table_code, monkeypatch):
+    """update() of many tokens at once (keyed and probed in blocks on CPU) counts the grams that
+    span block boundaries and the stream start exactly as updates in small pieces do."""
+    import backoff_mixer
+    V, s = 1024, text_like(3000, 1024, 8)
+    a = BackoffNgramMixer(vocab_size=V, max_order=10, expected_tokens=0)
+    b = BackoffNgramMixer(vocab_size=V, max_order=10, expected_tokens=0)
+    monkeypatch.setattr(backoff_mixer, "_BLOCK", 97)
+    a.update(s)
+    for st in range(0, 3000, 5):
+        b.update(s[st:st + 5])
+    rows = lambda m: sorted(map(tuple, m.table.tab[m.table.tab[:, 0] != 0].tolist()))
+    assert a.table.size == b.table.size == len(rows(a)) and rows(a) == rows(b)
+    assert torch.equal(a.table.dense, b.table.dense) and int(a.table.dense.sum()) == 2999
+    assert a.table.size == sum(len(set(tuple(s[i - L + 1:i + 1].tolist()) for i in range(L - 1, 3000)))
+                               for L in range(3, 11))
+
+
+def test_count_overflow_raises_instead_of_wrapping(table_code):
     """A row's count shares its word with the key's older tokens: past its bits it must raise."""
     from backoff_mixer import _ExactTable
     t = _ExactTable("cpu", log2cap=6, shifts=(0,) * 8 + (60,) * 8)   # tags 8..15: counts < 2**3
@@ -371,7 +401,7 @@ def test_count_overflow_raises_instead_of_wrapping():
         t.add_probed(hi, lo, *t._probe_np(hi, lo))
 
 
-def test_scoring_no_rows_returns_an_empty_result():
+def test_scoring_no_rows_returns_an_empty_result(table_code):
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         m = BackoffNgramMixer(vocab_size=64, max_order=4, device=device, expected_tokens=0)
         m.update(torch.arange(20))
