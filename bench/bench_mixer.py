@@ -2,18 +2,21 @@
 
 Both mixers see the same stream in the same order: for each chunk, score the chunk (x = chunk
 with P = max_order-1 columns of preceding context, y = next tokens), then update() with the
-scored tokens. Two scoring modes, each timed for both mixers:
-  net   score_from_net(log p(y), H, x, y): the mixer's own work (what the distributed eval calls)
+scored tokens. Three modes, each timed for both mixers:
+  net    score_from_net(log p(y), H, x, y): the mixer's own work (what the distributed eval calls)
   logits score(logits, x, y): also log_softmax + entropy of [chunk, 1024] logits (same for both)
+  update update() alone, chunk by chunk (nothing scored first)
 Then, for reference, the exact mixer's whole-stream path score_stream (same numbers as its
 streaming path, bitwise) on the same stream: not a streaming contract, only usable when the
 whole stream is known (the validation set).
 Tables are allocated before the clock starts: the hashed rule's fixed 2 x 9 x 4,194,304 counters,
 the exact table pre-sized with expected_tokens = stream length (2 (max_order-1) slots per token),
 and once more at its default size (2**24 rows, 256 MiB), which may have to grow during the run.
+The exact table's CPU probes and writes are numba kernels; --numpy-tables times the numpy code
+that stands in for them where numba is not installed.
 Prints tokens/s, the ratio exact/hashed, mixer state size and peak RSS (or CUDA peak).
 
-    python bench/bench_mixer.py [--tokens N] [--chunk 4096] [--shard PATH] [--device cpu]
+    python bench/bench_mixer.py [--tokens N] [--chunk 4096] [--shard PATH] [--device cpu] [--numpy-tables]
 """
 import argparse
 import os
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import backoff_mixer  # noqa: E402
 from backoff_mixer import BackoffNgramMixer, HashedTargetOnlyMixer, read_shard, zipf_stream  # noqa: E402
 
 
@@ -37,7 +41,9 @@ def run(mixer, stream, chunk, P, device, logits, mode):
         e = min(s + chunk, stream.numel() - 1)
         x = stream[s - P:e][None]
         y = stream[s + 1:e + 1][None]
-        if mode == "logits":
+        if mode == "update":
+            nll = torch.zeros(1)
+        elif mode == "logits":
             nll = mixer.score(logits[: e - s][None], x, y)
         else:
             lp_y = logp[torch.arange(e - s, device=device), y[0]]
@@ -58,8 +64,11 @@ def main():
     ap.add_argument("--shard", default=None, help="competition .bin shard (default: synthetic Zipf stream)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
-    ap.add_argument("--modes", default="net,logits", help="comma list of: net, logits")
+    ap.add_argument("--modes", default="net,logits,update", help="comma list of: net, logits, update")
+    ap.add_argument("--numpy-tables", action="store_true", help="exact table without its numba kernels")
     args = ap.parse_args()
+    if args.numpy_tables:
+        backoff_mixer._KERNELS[:] = [None]
     if args.threads:
         torch.set_num_threads(args.threads)
     V, dev = 1024, torch.device(args.device)
@@ -68,7 +77,8 @@ def main():
     logits = torch.randn(args.chunk, V, generator=torch.Generator().manual_seed(0)).to(dev)
     P = args.max_order - 1
     print(f"stream {stream.numel():,} tokens ({'shard ' + args.shard if args.shard else 'synthetic Zipf'}), "
-          f"chunk {args.chunk}, orders 2..{args.max_order}, device {dev}, threads {torch.get_num_threads()}")
+          f"chunk {args.chunk}, orders 2..{args.max_order}, device {dev}, threads {torch.get_num_threads()}, "
+          f"exact table code: {'numba kernels' if backoff_mixer._kernels() else 'numpy'}")
     for mode in args.modes.split(","):
         res = {}
         for name, make in [
@@ -86,7 +96,7 @@ def main():
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             res[name] = stream.numel() / sec
             print(f"[{mode:6s}] {name:52s} {res[name]:>9,.0f} tok/s {sec:6.2f} s  state {m.memory_bytes() / 2**20:5,.0f} MiB"
-                  f"  peak {'CUDA' if dev.type == 'cuda' else 'RSS so far'} {peak:,.0f} MiB  mean nll {nll / (stream.numel() - P - 1):.4f}")
+                  f"  peak {'CUDA' if dev.type == 'cuda' else 'RSS so far'} {peak:,.0f} MiB  mean nll {'-' if mode == 'update' else f'{nll / (stream.numel() - P - 1):.4f}'}")
             del m
         rates = list(res.values())
         print(f"[{mode:6s}] speed ratio exact/hashed: backoff {rates[1] / rates[0]:.2f}x, dirichlet {rates[2] / rates[0]:.2f}x"

@@ -1,6 +1,7 @@
 """Tests for bench/: the GPU check in CPU smoke mode, and the training and eval benchmarks at tiny sizes."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -139,10 +140,18 @@ def test_mixer_claims_runs_on_a_dump(tmp_path, capsys):
 def test_bench_mixer_tiny():
     """bench/bench_mixer.py at a tiny size: every mixer line and the ratios print, and both exact rules
     report the same mean NLL whatever the table size (the pre-sized and the default table)."""
-    p = run([sys.executable, str(BENCH / "bench_mixer.py"), "--tokens", "20000", "--chunk", "1000", "--modes", "net"],
-            clean_env(), timeout=120)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("[net")]
-    assert len(lines) == 5 and "speed ratio exact/hashed" in lines[-1] and "default table size" in lines[-1]
-    nll = {l.split("mean nll")[0][8:60].strip(): float(l.split("mean nll")[1]) for l in lines[:4]}
-    assert nll["exact BackoffNgramMixer rule=dirichlet"] == nll["exact rule=dirichlet, default table size"]
-    assert sum("score_stream" in l for l in p.stdout.splitlines()) == 2
+    nlls = []
+    for flags in ([], ["--numpy-tables"]):
+        p = run([sys.executable, str(BENCH / "bench_mixer.py"), "--tokens", "20000", "--chunk", "1000",
+                 "--modes", "net,update"] + flags, clean_env(), timeout=120)
+        out = p.stdout.splitlines()
+        assert out[0].endswith("exact table code: numpy") == (bool(flags) or importlib.util.find_spec("numba") is None)
+        lines = [l for l in out if l.startswith("[net")]
+        assert len(lines) == 5 and "speed ratio exact/hashed" in lines[-1] and "default table size" in lines[-1]
+        nll = {l.split("mean nll")[0][8:60].strip(): float(l.split("mean nll")[1]) for l in lines[:4]}
+        assert nll["exact BackoffNgramMixer rule=dirichlet"] == nll["exact rule=dirichlet, default table size"]
+        nlls.append(nll)
+        upd = [l for l in out if l.startswith("[update")]
+        assert len(upd) == 5 and all(l.endswith("mean nll -") for l in upd[:4]) and "speed ratio" in upd[-1]
+        assert sum("score_stream" in l for l in out) == 2
+    assert nlls[0] == nlls[1]                         # numba kernels and numpy code: the same numbers
