@@ -26,10 +26,20 @@ rule="dirichlet" (hierarchical Dirichlet / PPM-style interpolation of every orde
   A context seen c times gets weight c / (c + beta) against its shorter contexts, so rare long
   contexts no longer take all of the n-gram's mass as in greedy backoff.
 
-Each level is a convex combination of proper distributions, so sum_v p(v) = 1 exactly for both
-rules, and p(y) needs only p_net(y) and H: the distributed evaluation gathers just those two
+rule="dirichlet_evidence" (the default): the same q_max, mixed in only as far as it rests on counts:
+    lambda = 1 - prod_{n: c_n(ctx) >= min_count} beta / (c_n(ctx) + beta)
+    p(v) = (1 - alpha(H) lambda) p_net(v) + alpha(H) lambda q_{max_order}(v)
+  lambda is the share of q_max that comes from counts rather than from its add-one unigram base
+  (unrolling the recursion, q_max = (count terms) + (1 - lambda) p_1). With no context seen
+  (lambda = 0, e.g. the first chunk of a stream) p = p_net: a well-calibrated network no longer
+  pays for an n-gram model that has nothing to say yet.
+
+Each level is a convex combination of proper distributions, and alpha, lambda in [0, 1] depend
+only on H and on counts of the past, never on v, so sum_v p(v) = 1 exactly for every rule; p(y)
+needs only p_net(y) and H: the distributed evaluation gathers just those two
 numbers per position (`score_from_net`). Row t uses only the stream, x_{..t} and y_t.
-The default rule is "dirichlet" (beta = 32): it beat "backoff" on held-out text (docs/mixer.md).
+The default rule is "dirichlet_evidence" (beta = 32): with the trained model on held-out text it
+beat "dirichlet", which beat "backoff" (docs/mixer.md).
 
 Storage. Unigram counts are a dense [V] vector and bigram counts a dense [V*V] one (for
 V <= 2048). Every longer gram that occurred is one 16-byte row of a linear-probing table keyed
@@ -544,11 +554,11 @@ class _ExactTable:
 class BackoffNgramMixer(_MixerAPI):
     """score(logits, x, y) / score_from_net(logp_y, H, x, y) -> NLL [B,T] (state unchanged);
     distribution(logits, x) -> [B,T,V]; update(tokens) appends to the stream. See module doc."""
-    RULES = ("backoff", "dirichlet")
+    RULES = ("backoff", "dirichlet", "dirichlet_evidence")
 
     def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
                  alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
-                 device="cpu", rule: str = "dirichlet", beta: float = 32.0, expected_tokens: int | None = None):
+                 device="cpu", rule: str = "dirichlet_evidence", beta: float = 32.0, expected_tokens: int | None = None):
         """expected_tokens: stream length to pre-size the gram table for (it grows on demand anyway);
         None: 2**24 rows (256 MiB); 0: the smallest table (for a mixer used only via score_stream)."""
         if max_order < 2:
@@ -776,12 +786,15 @@ class BackoffNgramMixer(_MixerAPI):
             q = np.where(has, c_ng / np.maximum(c_ctx, 1.0), p1)
         else:
             den = (cc.astype(np.float32) + np.float32(self.beta)).astype(np.float64)   # float32, as in torch
-            q, t = p1, np.empty_like(p1)
+            q, t, keep = p1, np.empty_like(p1), np.ones_like(p1)
             for j in range(K1):
                 np.multiply(q, self.beta, out=t)
                 t += tc[j]
                 t /= den[j]
                 np.copyto(q, t, where=ok[j])
+                np.copyto(keep, keep * self.beta / den[j], where=ok[j])
+            if self.rule == "dirichlet_evidence":
+                a = a * (1 - keep)
         p = torch.from_numpy((1 - a) * pnet + a * q)
         return (-torch.log(p)).reshape(B, T).to(torch.promote_types(logp_y.dtype, torch.float32))
 
@@ -844,8 +857,12 @@ class BackoffNgramMixer(_MixerAPI):
             return (1 - a) * pnet + a * p_ng
         tcnt, q = target_counts(ok).double(), p1              # (int64 -> double: exact)
         den = (cc + self.beta).double()                          # as before: cc + beta in the default
-        for j in range(K1):                                      # dtype, widened exactly
+        keep = torch.ones_like(a)                                # dtype, widened exactly
+        for j in range(K1):
             q = torch.where(ok[:, j:j + 1], (tcnt[:, :, j] + self.beta * q) / den[:, j:j + 1], q)
+            keep = torch.where(ok[:, j:j + 1], keep * self.beta / den[:, j:j + 1], keep)
+        if self.rule == "dirichlet_evidence":                    # keep = 1 - lambda
+            a = a * (1 - keep)
         return (1 - a) * pnet + a * q
 
     # --- whole-stream path ------------------------------------------------------------------
@@ -1114,7 +1131,7 @@ def main(argv=None):
     a.add_argument("--buckets", type=int, default=0, help="hashed buckets per order (default: eval tokens / 15)")
     a.add_argument("--max-order", type=int, default=10)
     a.add_argument("--min-count", type=int, default=1)
-    a.add_argument("--beta", type=float, default=32.0, help="rule=dirichlet concentration")
+    a.add_argument("--beta", type=float, default=32.0, help="the dirichlet rules' concentration")
     a.add_argument("--chunk", type=int, default=4096)
     a.add_argument("--vocab-size", type=int, default=1024)
     a.add_argument("--tokenizer", default=None, help="sentencepiece model: also report BPB")

@@ -106,7 +106,7 @@ HPARAMS = [
     ("USE_NGRAM_MIXER", 1, None),
     ("NGRAM_ORDER", 10, None),
     ("NGRAM_MIN_COUNT", 1, None),
-    ("NGRAM_RULE", "dirichlet", None),
+    ("NGRAM_RULE", "dirichlet_evidence", None),
     ("NGRAM_BETA", 32.0, None),
     ("ALPHA_BASE", 0.20, None),
     ("ALPHA_RANGE", 0.55, None),
@@ -177,8 +177,8 @@ class Hyperparameters:
             raise UserError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         if self.eval_stride > self.eval_seq_len:
             raise UserError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}; use a stride <= the window")
-        if self.ngram_rule not in ("backoff", "dirichlet"):
-            raise UserError(f"NGRAM_RULE={self.ngram_rule!r} is not a rule; use backoff or dirichlet")
+        if self.ngram_rule not in ("backoff", "dirichlet", "dirichlet_evidence"):
+            raise UserError(f"NGRAM_RULE={self.ngram_rule!r} is not a rule; use dirichlet_evidence, dirichlet or backoff")
         if self.ngram_order < 2:
             raise UserError(f"NGRAM_ORDER={self.ngram_order} must be >= 2 (orders 2..NGRAM_ORDER are counted)")
         if self.xsa_last_n > self.num_layers:

@@ -6,7 +6,7 @@ and prints the BPB each rule gives: our exact rules (real distributions) and the
 target-only rule at two loads (tokens per bucket), whose number is not a BPB at all.
 
     EVAL_DUMP=run.npz python train_gpt.py            # or EVAL_ONLY=1 ARTIFACT=... with EVAL_DUMP
-    python bench/mixer_claims.py run.npz --val 'data/datasets/sample_sp1024/fineweb_val_*.bin' --chunk 4096
+    python bench/mixer_claims.py run.npz --val 'data/datasets/sample_sp1024/fineweb_val_*.bin' --chunk 4096 [--targets N]
 """
 import argparse
 import math
@@ -39,16 +39,20 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=128 * 64, help="targets per mixer chunk (EVAL_BATCH_SEQS*EVAL_STRIDE)")
     ap.add_argument("--order", type=int, default=10)
     ap.add_argument("--load", type=float, default=15.0, help="tokens per bucket for the loaded hashed rule (record: 62M/4M)")
+    ap.add_argument("--targets", type=int, default=0, help="score only the first N targets (a short stream); 0: all")
     a = ap.parse_args(argv)
     d = np.load(a.dump)
     tokens = torch.cat([train_gpt.load_data_shard(f) for f in train_gpt.list_shards(a.val)]).long()
     if tokens.numel() - 1 != d["nll_neural"].size:
         sys.exit(f"error: {a.dump} has {d['nll_neural'].size} targets but {a.val} holds {tokens.numel() - 1}; use the run's val data")
+    keep = slice(0, a.targets or None)
+    d = {k: d[k][keep] for k in ("nll_neural", "entropy", "bytes")}
+    tokens = tokens[: d["bytes"].size + 1]
     logp, ent, nbytes = torch.from_numpy(-d["nll_neural"]), torch.from_numpy(d["entropy"]), d["bytes"].sum()
     bpb = lambda nll: nll.sum() / math.log(2) / nbytes
     n = tokens.numel() - 1
     rows = [("network alone", bpb(d["nll_neural"]), "real")]
-    for rule in ("backoff", "dirichlet"):
+    for rule in BackoffNgramMixer.RULES:
         m = BackoffNgramMixer(max_order=a.order, rule=rule)
         rows.append((f"exact {rule}", bpb(stream_scores(m, tokens, logp, ent, a.chunk, a.order)), "real"))
     for buckets in (4_194_304, max(int(n / a.load), 1)):

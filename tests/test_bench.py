@@ -134,7 +134,7 @@ def test_mixer_claims_runs_on_a_dump(tmp_path, capsys):
     assert mixer_claims.main([str(tmp_path / "d.npz"), "--val", str(tmp_path / "fineweb_val_*.bin"), "--chunk", "512"]) == 0
     rows = {line[:62].strip(): float(line[62:71]) for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["network alone"] == pytest.approx(10 / 2)  # log2(1024) bits over 2 bytes per token
-    assert rows["exact dirichlet"] < rows["network alone"] and rows["exact backoff"] < rows["network alone"]
+    assert all(rows[f"exact {r}"] < rows["network alone"] for r in ("backoff", "dirichlet", "dirichlet_evidence"))
 
 
 def test_bench_mixer_tiny():
@@ -149,9 +149,9 @@ def test_bench_mixer_tiny():
         lines = [l for l in out if l.startswith("[net")]
         assert len(lines) == 5 and "speed ratio exact/hashed" in lines[-1] and "default table size" in lines[-1]
         nll = {l.split("mean nll")[0][8:60].strip(): float(l.split("mean nll")[1]) for l in lines[:4]}
-        assert nll["exact BackoffNgramMixer rule=dirichlet"] == nll["exact rule=dirichlet, default table size"]
+        assert nll["exact BackoffNgramMixer (default rule)"] == nll["exact, default rule, default table size"]
         nlls.append(nll)
         upd = [l for l in out if l.startswith("[update")]
         assert len(upd) == 5 and all(l.endswith("mean nll -") for l in upd[:4]) and "speed ratio" in upd[-1]
-        assert sum("score_stream" in l for l in out) == 2
+        assert sum("score_stream" in l for l in out) == 3
     assert nlls[0] == nlls[1]                         # numba kernels and numpy code: the same numbers

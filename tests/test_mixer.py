@@ -58,7 +58,8 @@ def fed(rule="backoff", V=32, order=5, n=3000, chunks=(257, 1000, 1743), seed=0,
 
 
 def brute_p_ng(hist, ctx_tokens, order, min_count, V, rule, beta):
-    """Independent reference: count by scanning the history (python lists)."""
+    """Independent reference: count by scanning the history (python lists). Returns the n-gram
+    distribution and the factor w on alpha (p = (1 - alpha w) p_net + alpha w p_ng)."""
     N = len(hist)
     uni = [hist.count(v) for v in range(V)]
     p1 = [(uni[v] + 1) / (N + V) for v in range(V)]
@@ -82,13 +83,14 @@ def brute_p_ng(hist, ctx_tokens, order, min_count, V, rule, beta):
     if rule == "backoff":
         for lv in reversed(levels):
             if lv is not None:
-                return [lv[1][v] / lv[0] for v in range(V)]
-        return p1
-    q = p1
+                return [lv[1][v] / lv[0] for v in range(V)], 1.0
+        return p1, 1.0
+    q, base = p1, 1.0                                 # base: the weight q puts on p1 itself
     for lv in levels:
         if lv is not None:
             q = [(lv[1][v] + beta * q[v]) / (lv[0] + beta) for v in range(V)]
-    return q
+            base *= beta / (lv[0] + beta)
+    return q, (1.0 - base if rule == "dirichlet_evidence" else 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +145,8 @@ def test_matches_brute_force_counts(rule):
     pnet = torch.softmax(logits[0].double(), -1)
     H = -(pnet * pnet.log()).sum(-1)
     for t in list(range(0, 6)) + list(range(50, 72)) + [120, 199]:
-        png = brute_p_ng(hist, q[:t + 1].tolist(), order, mc, V, rule, 3.0)
-        a = alpha(float(H[t]))
+        png, w = brute_p_ng(hist, q[:t + 1].tolist(), order, mc, V, rule, 3.0)
+        a = alpha(float(H[t])) * w
         exp = (1 - a) * pnet[t] + a * torch.tensor(png, dtype=torch.float64)
         assert torch.allclose(p[t], exp, atol=1e-6), t
 
@@ -176,6 +178,14 @@ def test_hand_computed_tiny_stream():
     assert torch.allclose(p, torch.tensor([(1 - a) / 5 + a * v for v in q3], dtype=p.dtype), atol=1e-12)
     nll = d.score(logits, torch.tensor([[0, 1]]), torch.tensor([[3]]))
     assert abs(float(nll) + math.log((1 - a) / 5 + a * q3[3])) < 1e-6
+    # dirichlet_evidence: q3 rests on counts except for the share (1/3)(1/3) left on p_1
+    e = BackoffNgramMixer(vocab_size=V, max_order=3, rule="dirichlet_evidence", beta=1.0)
+    e.update(torch.tensor([0, 1, 2, 0, 1, 3, 0, 1]))
+    al = a * (1 - 1 / 9)
+    p = e.distribution(logits, torch.tensor([[0, 1]]))[0, 0]
+    assert torch.allclose(p, torch.tensor([(1 - al) / 5 + al * v for v in q3], dtype=p.dtype), atol=1e-12)
+    p = e.distribution(logits, torch.tensor([[4]]))[0, 0]          # no context seen: the network alone
+    assert torch.allclose(p, torch.full((V,), 0.2, dtype=p.dtype), atol=1e-12)
 
 
 def test_empty_history_is_uniform_mixture():
@@ -308,6 +318,8 @@ def test_table_exact_under_worst_case_collisions():
 
 
 @pytest.mark.parametrize("rule,min_count,chunk,V,K", [("backoff", 1, 97, 24, 6), ("dirichlet", 1, 256, 24, 6),
+                                                      ("dirichlet_evidence", 2, 128, 24, 6),
+                                                      ("dirichlet_evidence", 1, 200, 1024, 10),
                                                       ("backoff", 2, 1, 24, 6), ("dirichlet", 3, 1000, 24, 6),
                                                       ("backoff", 1, 300, 1024, 10), ("dirichlet", 1, 64, 1024, 10),
                                                       ("dirichlet", 1, 128, 4096, 8)])   # no dense bigrams
