@@ -786,14 +786,16 @@ class BackoffNgramMixer(_MixerAPI):
             q = np.where(has, c_ng / np.maximum(c_ctx, 1.0), p1)
         else:
             den = (cc.astype(np.float32) + np.float32(self.beta)).astype(np.float64)   # float32, as in torch
+            evidence = self.rule == "dirichlet_evidence"
             q, t, keep = p1, np.empty_like(p1), np.ones_like(p1)
             for j in range(K1):
                 np.multiply(q, self.beta, out=t)
                 t += tc[j]
                 t /= den[j]
                 np.copyto(q, t, where=ok[j])
-                np.copyto(keep, keep * self.beta / den[j], where=ok[j])
-            if self.rule == "dirichlet_evidence":
+                if evidence:
+                    np.copyto(keep, keep * self.beta / den[j], where=ok[j])
+            if evidence:
                 a = a * (1 - keep)
         p = torch.from_numpy((1 - a) * pnet + a * q)
         return (-torch.log(p)).reshape(B, T).to(torch.promote_types(logp_y.dtype, torch.float32))
@@ -857,11 +859,12 @@ class BackoffNgramMixer(_MixerAPI):
             return (1 - a) * pnet + a * p_ng
         tcnt, q = target_counts(ok).double(), p1              # (int64 -> double: exact)
         den = (cc + self.beta).double()                          # as before: cc + beta in the default
-        keep = torch.ones_like(a)                                # dtype, widened exactly
+        evidence, keep = self.rule == "dirichlet_evidence", torch.ones_like(a)   # dtype, widened exactly
         for j in range(K1):
             q = torch.where(ok[:, j:j + 1], (tcnt[:, :, j] + self.beta * q) / den[:, j:j + 1], q)
-            keep = torch.where(ok[:, j:j + 1], keep * self.beta / den[:, j:j + 1], keep)
-        if self.rule == "dirichlet_evidence":                    # keep = 1 - lambda
+            if evidence:                                         # keep = 1 - lambda
+                keep = torch.where(ok[:, j:j + 1], keep * self.beta / den[:, j:j + 1], keep)
+        if evidence:
             a = a * (1 - keep)
         return (1 - a) * pnet + a * q
 
