@@ -418,22 +418,18 @@ class _ExactTable:
         there. An occurrence whose empty slot went to another key probes again (it is taken now).
         No dense keys here (nor in _probe_np): the caller counts those itself."""
         n = hi.size
+        sh = self._shift(lo) if sh is None else sh
+        if not _kernels() and (n >= 1 << _QBITS                # (numpy's sort key holds the index)
+                               or n and int(cnt.max()) + n >> (63 - int(sh.max()))):   # count overflow?
+            return self.add(torch.from_numpy(hi), torch.from_numpy(lo))   # (checks exactly)
+        if self._grow_for(n):                                  # slots moved: probe again
+            res = self._probe_np(hi, lo, sh)[0]
         if _kernels():
-            sh = self._shift(lo) if sh is None else sh
-            if self._grow_for(n):
-                res = self._probe_np(hi, lo, sh)[0]
             claimed, bad = _kernels()[1](self.tab.numpy(), hi, lo, res, sh, self.mask)
             self.size += claimed
             if bad >= 0:
                 self._overflow(sh[bad])
             return
-        if n >= 1 << _QBITS:
-            return self.add(torch.from_numpy(hi), torch.from_numpy(lo))
-        sh = self._shift(lo) if sh is None else sh
-        if n and int(cnt.max()) + n >> (63 - int(sh.max())):   # could a count outgrow its bits?
-            return self.add(torch.from_numpy(hi), torch.from_numpy(lo))   # (checks exactly)
-        if self._grow_for(n):                                  # slots moved: probe again
-            res = self._probe_np(hi, lo, sh)[0]
         tab = self.tab.numpy()
         rows, flat = tab.view(_ROW).reshape(-1), tab.reshape(-1)   # one item per row / word
         q = np.arange(n)
