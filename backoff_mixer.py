@@ -1,4 +1,11 @@
-"""Exact, normalized, causal n-gram mixer for evaluation (and the record's hashed rule, for audit).
+"""Exact, normalized, causal n-gram mixer for evaluation.
+
+Order of work (score first, update after). The evaluation cuts the stream into chunks of consecutive
+targets; every target of a chunk is scored against the counts of the tokens before the chunk's first
+target, and only then is the chunk added to the counts. Streaming: update(tokens[:1]), then per chunk
+score(...) or score_from_net(...) followed by update(the chunk's targets). `score_stream` computes the
+same numbers for a whole known stream at once. No target's probability depends on itself or on anything
+after it.
 
 Notation. The stream s_0, s_1, ... is what has been passed to `update` so far (N tokens).
 For a gram g of L tokens, c(g) = number of positions where g occurs in the stream.
@@ -57,23 +64,14 @@ On CPU that streaming path runs in numpy (lower per-call overhead than torch), w
 arithmetic as the torch path, so the same bits; the table's probes and writes there are two
 small loops compiled by numba (numpy does the same, more slowly, where numba is missing).
 `score_stream` gives the same numbers, bitwise, for a whole known stream at once (one stable sort
-per gram length instead of the table).
-
-`HashedTargetOnlyMixer` re-implements the record's rule as it was built: per order a context
-hash table and a context+target hash table of `buckets` counters, and only the target's ratio
-min(c(h(ctx, y)), c(h(ctx))) / c(h(ctx)) is ever computed. With collisions this is NOT a
-conditional distribution (summed over the vocabulary it exceeds 1 by orders of magnitude at the
-record's load); it exists for the audit and the benchmark only.
-
-    python backoff_mixer.py audit [--tokens GLOB] [--positions N] [--buckets B] ...
+per gram length instead of the table); it uses no state, so a mixer used only that way never
+allocates its table (the table is made, and on CPU the kernels compiled, on first score/update).
+`check_settings` validates the settings without building anything.
 """
 from __future__ import annotations
 
-import argparse
-import glob
 import math
 import mmap
-import time
 
 import numpy as np
 import torch
@@ -163,33 +161,6 @@ class _MixerAPI:
         W = x.shape[1]
         t_in = (W - T) + torch.arange(T, device=self.device).repeat(B)
         return _rev_windows(x, T, self.max_order - 1), t_in
-
-
-def read_shard(path: str) -> np.ndarray:
-    """Competition shard: 256 int32 header [20240520, 1, num_tokens, ...], then uint16 tokens."""
-    header = np.fromfile(path, dtype="<i4", count=256)
-    if header.size != 256 or header[0] != 20240520 or header[1] != 1:
-        raise ValueError(f"{path}: not a version-1 token shard")
-    toks = np.fromfile(path, dtype="<u2", count=int(header[2]), offset=256 * 4)
-    if toks.size != header[2]:
-        raise ValueError(f"{path}: expected {header[2]} tokens, found {toks.size}")
-    return toks
-
-
-def zipf_stream(n: int, V: int, seed: int = 0, exponent: float = 1.1) -> np.ndarray:
-    """Synthetic text-like stream: Zipf unigrams, with half of it made of copies of earlier
-    spans (lengths 4..64), so long contexts recur as in real text."""
-    rng = np.random.default_rng(seed)
-    w = 1.0 / np.arange(1, V + 1) ** exponent
-    out = rng.choice(V, size=n, p=w / w.sum())
-    i = 1024
-    while i < n:
-        L = int(rng.integers(4, 65))
-        if rng.random() < 0.5:
-            src = int(rng.integers(0, i - L))
-            out[i:i + L] = out[src:src + L][: n - i]
-        i += L
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -547,24 +518,59 @@ class _ExactTable:
 # BackoffNgramMixer
 # -----------------------------------------------------------------------------
 
+RULES = ("backoff", "dirichlet", "dirichlet_evidence")
+
+
+class SettingError(ValueError):
+    """A mixer setting out of range; `setting` is the keyword's name, `value` what it was given."""
+
+    def __init__(self, setting: str, value, problem: str):
+        super().__init__(f"{setting}={value!r}: {problem}")
+        self.setting, self.value, self.problem = setting, value, problem
+
+
+def max_order_for(vocab_size: int) -> int:
+    """The longest gram an exact key holds: 60 bits of newest tokens + 40 of older ones, 15 at most."""
+    b = max(1, (vocab_size - 1).bit_length())
+    return min(15, 60 // b + 40 // b)
+
+
+def check_settings(vocab_size: int = 1024, max_order: int = 10, min_count: int = 1, alpha_base: float = 0.20,
+                   alpha_range: float = 0.55, alpha_center: float = 3.0, rule: str = "dirichlet_evidence",
+                   beta: float = 32.0) -> None:
+    """Raise SettingError for the first setting out of range; allocates nothing, compiles nothing."""
+    if vocab_size < 2:
+        raise SettingError("vocab_size", vocab_size, "must be >= 2")
+    if not 2 <= max_order <= max_order_for(vocab_size):
+        raise SettingError("max_order", max_order, f"must be >= 2 and <= {max_order_for(vocab_size)} "
+                                                   f"(the longest exact key for a vocabulary of {vocab_size})")
+    if min_count < 1:
+        raise SettingError("min_count", min_count, "must be >= 1")
+    if rule not in RULES:
+        raise SettingError("rule", rule, f"must be one of {', '.join(RULES)}")
+    if not beta > 0 or not math.isfinite(beta):
+        raise SettingError("beta", beta, "must be a finite number > 0")
+    if not 0 <= alpha_base <= 1:
+        raise SettingError("alpha_base", alpha_base, "must lie in [0, 1]")
+    if not 0 <= alpha_range <= 1 - alpha_base:
+        raise SettingError("alpha_range", alpha_range, f"must lie in [0, 1 - alpha_base = {1 - alpha_base:g}] "
+                                                       f"(so that alpha(H) stays in [0, 1])")
+    if not math.isfinite(alpha_center):
+        raise SettingError("alpha_center", alpha_center, "must be finite")
+
+
 class BackoffNgramMixer(_MixerAPI):
     """score(logits, x, y) / score_from_net(logp_y, H, x, y) -> NLL [B,T] (state unchanged);
     distribution(logits, x) -> [B,T,V]; update(tokens) appends to the stream. See module doc."""
-    RULES = ("backoff", "dirichlet", "dirichlet_evidence")
+    RULES = RULES
 
     def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
                  alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
                  device="cpu", rule: str = "dirichlet_evidence", beta: float = 32.0, expected_tokens: int | None = None):
         """expected_tokens: stream length to pre-size the gram table for (it grows on demand anyway);
-        None: 2**24 rows (256 MiB); 0: the smallest table (for a mixer used only via score_stream)."""
-        if max_order < 2:
-            raise ValueError(f"max_order must be >= 2, got {max_order}")
-        if min_count < 1:
-            raise ValueError(f"min_count must be >= 1, got {min_count}")
-        if rule not in self.RULES:
-            raise ValueError(f"rule must be one of {self.RULES}, got {rule!r}")
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
+        None: 2**24 rows (256 MiB). The table is allocated on first use (score/update), never by
+        score_stream."""
+        check_settings(vocab_size, max_order, min_count, alpha_base, alpha_range, alpha_center, rule, beta)
         self.V, self.max_order, self.min_count, self.rule, self.beta = vocab_size, max_order, min_count, rule, beta
         self.alpha = (alpha_base, alpha_range, alpha_center)
         self.device = torch.device(device)
@@ -573,9 +579,6 @@ class BackoffNgramMixer(_MixerAPI):
         # row's word holds the count: at least 2**23 for the longest grams)
         self.b = max(1, (vocab_size - 1).bit_length())
         self.k_lo = 60 // self.b
-        most = min(15, self.k_lo + 40 // self.b)
-        if max_order > most:
-            raise ValueError(f"max_order {max_order} > {most}: exact keys for V={vocab_size} hold at most that")
         j = torch.arange(max_order, device=self.device)
         self._is_lo = j < self.k_lo
         self._sh_lo = torch.where(self._is_lo, self.b * j, 0)
@@ -587,16 +590,23 @@ class BackoffNgramMixer(_MixerAPI):
         grams = 2 * (max_order - 1) * (expected_tokens or 0)                # slots at load <= 1/2
         dense = (2, 2 * self.b) if 2 * self.b <= 22 else None               # bigrams: a [V*V] array
         log2cap = _LOG2CAP if expected_tokens is None else max(_LOG2CAP_MIN, grams.bit_length())
-        self.table = _ExactTable(self.device, log2cap, shifts, dense)
+        self._table_args, self._table = (log2cap, shifts, dense), None
         self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
-        if self.device.type == "cpu":
-            _kernels()
         self.N = 0
         self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)   # last max_order-1 tokens
         self._memo = None   # the last score's target grams and where they are, for update
 
+    @property
+    def table(self) -> _ExactTable:
+        """The gram table, allocated (and on CPU the kernels compiled) on first use."""
+        if self._table is None:
+            self._table = _ExactTable(self.device, *self._table_args)
+            if self.device.type == "cpu":
+                _kernels()
+        return self._table
+
     def memory_bytes(self):
-        return self.table.memory_bytes() + self.uni.numel() * 8
+        return (0 if self._table is None else self._table.memory_bytes()) + self.uni.numel() * 8
 
     def _keys(self, rev: torch.Tensor):
         """rev [..., L] (newest first) -> (hi, lo) [..., L]: keys of the grams of length 1..L."""
@@ -922,224 +932,3 @@ class BackoffNgramMixer(_MixerAPI):
         p = self._combine(pnet, entropy.to(self.device).double().reshape(-1), cc, p1,
                           lambda need: tc[:, None, 1:])
         return (-torch.log(p)).reshape(-1).to(torch.promote_types(logp_y.dtype, torch.float32))
-
-
-# -----------------------------------------------------------------------------
-# The record's hashed target-only rule (NOT a distribution; audit and benchmark only)
-# -----------------------------------------------------------------------------
-
-_PRIMES = [36313, 27191, 51647, 81929, 131071, 174763, 233017, 299993, 350377, 412637, 479909]
-
-
-class HashedTargetOnlyMixer(_MixerAPI):
-    """Per order n = 2..max_order: ctx_counts[n][h(ctx)] and full_counts[n][h(ctx, y)] in flat
-    tables of `buckets` float counters, g(ctx) = XOR_k ctx_k * prime_k, h(ctx) = g(ctx) mod
-    buckets, h(ctx, y) = (g(ctx) XOR y * prime_{n-1}) mod buckets (a mask for powers of 2).
-    The claimed p_ng(y) at the highest order with ctx count >= min_count is min(full, ctx) / ctx
-    (clipped to [0, 1]), else the add-one unigram; mixed with the same alpha(H). Summed over y it
-    is not 1 (module docstring). Unlike the record, grams spanning two update() calls are
-    counted, so both mixers see the same grams."""
-
-    def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
-                 alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
-                 device="cpu", buckets: int = 4_194_304):
-        if max_order < 2:
-            raise ValueError(f"max_order must be >= 2, got {max_order}")
-        if min_count < 1:
-            raise ValueError(f"min_count must be >= 1, got {min_count}")
-        self.V, self.max_order, self.min_count, self.buckets = vocab_size, max_order, min_count, buckets
-        self.alpha = (alpha_base, alpha_range, alpha_center)
-        self.device = torch.device(device)
-        self.ctx_counts = [torch.zeros(buckets, dtype=torch.float32, device=self.device) for _ in range(max_order - 1)]
-        self.full_counts = [torch.zeros(buckets, dtype=torch.float32, device=self.device) for _ in range(max_order - 1)]
-        self.uni = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
-        self.N = 0
-        self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)
-
-    def memory_bytes(self):
-        return sum(t.numel() * 4 for t in self.ctx_counts + self.full_counts) + self.uni.numel() * 8
-
-    def _ctx_hash(self, rev, n):
-        """rev [..., >=n-1] newest first -> hash of the n-1 context tokens."""
-        h = rev[..., 0] * _PRIMES[0]
-        for k in range(1, n - 1):
-            h = h ^ (rev[..., k] * _PRIMES[k % len(_PRIMES)])
-        return h
-
-    def _full_hash(self, hctx, y, n):
-        return self._bucket(hctx ^ (y * _PRIMES[(n - 1) % len(_PRIMES)]))
-
-    def _bucket(self, h):
-        b = self.buckets
-        return h & (b - 1) if b & (b - 1) == 0 else h.abs() % b
-
-    def update(self, tokens):
-        tokens = tokens.to(self.device).long().reshape(-1)
-        _check_tokens(tokens, self.V, "tokens")
-        if not tokens.numel():
-            return
-        seq = torch.cat([self.tail, tokens])
-        rev = _rev_windows(seq[None], tokens.numel(), self.max_order)   # rev[:, 0] = target
-        pos = self.N + torch.arange(tokens.numel(), device=self.device)
-        for n in range(2, self.max_order + 1):
-            ok = pos >= n - 1
-            hc = self._ctx_hash(rev[ok, 1:], n)
-            hf = self._full_hash(hc, rev[ok, 0], n)
-            hc = self._bucket(hc)
-            one = torch.ones(hc.numel(), device=self.device)
-            self.ctx_counts[n - 2].index_add_(0, hc, one)
-            self.full_counts[n - 2].index_add_(0, hf, one)
-        self.uni += torch.bincount(tokens, minlength=self.V)
-        self.N += tokens.numel()
-        self.tail = seq[-(self.max_order - 1):]
-
-    def _mix(self, pnet, H, rev_x, t_in, cand):
-        p = (self.uni[cand].double() + 1.0) / (self.N + self.V)
-        done = torch.zeros(cand.shape[0], dtype=torch.bool, device=self.device)
-        for n in range(self.max_order, 1, -1):
-            hc = self._ctx_hash(rev_x, n)
-            ctx = self.ctx_counts[n - 2][self._bucket(hc)]
-            full = self.full_counts[n - 2][self._full_hash(hc[:, None], cand, n)]
-            ratio = (torch.minimum(full, ctx[:, None]) / ctx.clamp(min=1)[:, None]).clamp(0, 1).double()
-            take = (ctx >= self.min_count) & (t_in >= n - 2) & ~done
-            p = torch.where(take[:, None], ratio, p)
-            done |= take
-        a = _alpha(H, *self.alpha)[:, None]
-        return (1 - a) * pnet + a * p
-
-
-# -----------------------------------------------------------------------------
-# Audit: does each rule sum to 1 over the vocabulary, and what would it claim?
-# -----------------------------------------------------------------------------
-
-class NgramProxy:
-    """Neural proxy fitted on `fit` (a separate prefix of the stream), never on scored tokens.
-    order 2: p(v|b) = (c(b,v) + 4 p_uni(v)) / (c(b) + 4), p_uni add-one;
-    order 3: p(v|a,b) = (c(a,b,v) + 2 p(v|b)) / (c(a,b) + 2) (the bigram where no a precedes)."""
-
-    def __init__(self, fit: np.ndarray, V: int, order: int = 3):
-        fit = fit.astype(np.int64)
-        self.V, self.order = V, order
-        uni = np.bincount(fit, minlength=V) + 1.0
-        big = np.bincount(fit[:-1] * V + fit[1:], minlength=V * V).reshape(V, V)
-        self.p2 = (big + 4.0 * uni / uni.sum()) / (big.sum(1, keepdims=True) + 4.0)
-        ctx = fit[:-2] * V + fit[1:-1]
-        self.tri, self.tri_c = np.unique(ctx * V + fit[2:], return_counts=True)
-        self.ctx, self.ctx_c = np.unique(ctx, return_counts=True)
-
-    def logits(self, ev: np.ndarray, s: int, e: int) -> torch.Tensor:
-        """[e-s, V] log-probabilities of the tokens after ev[s..e-1]."""
-        t = np.arange(s, e)
-        p = self.p2[ev[t]]
-        if self.order == 3:
-            q = np.where(t >= 1, ev[np.maximum(t - 1, 0)] * self.V + ev[t], -1)
-            lo, hi = np.searchsorted(self.tri // self.V, q), np.searchsorted(self.tri // self.V, q, side="right")
-            ci = np.minimum(np.searchsorted(self.ctx, q), len(self.ctx) - 1)
-            c = np.where(self.ctx[ci] == q, self.ctx_c[ci], 0)
-            rows = np.repeat(np.arange(e - s), hi - lo)
-            idx = np.arange(len(rows)) - np.repeat(np.cumsum(hi - lo) - (hi - lo), hi - lo) + np.repeat(lo, hi - lo)
-            num = np.zeros_like(p)
-            np.add.at(num, (rows, self.tri[idx] % self.V), self.tri_c[idx])
-            p = (num + 2.0 * p) / (c[:, None] + 2.0)
-        return torch.from_numpy(np.log(p)).float()
-
-
-def token_bytes(model_path: str, V: int):
-    """Competition byte rule: base bytes (UTF-8 of the piece without its leading '▁'; byte
-    pieces 1; control/unknown/unused 0), +1 for a leading '▁' unless the previous token is a
-    boundary (control/unknown/unused)."""
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=model_path)
-    base, space, boundary = np.zeros(V), np.zeros(V, bool), np.ones(V, bool)
-    for i in range(min(V, sp.vocab_size())):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        boundary[i] = False
-        piece = sp.id_to_piece(i)
-        if sp.is_byte(i):
-            base[i] = 1
-        else:
-            space[i] = piece.startswith("\u2581")
-            base[i] = len(piece.lstrip("\u2581").encode("utf-8")) if space[i] else len(piece.encode("utf-8"))
-    return lambda prev, y: base[y] + (space[y] & ~boundary[prev])
-
-
-def audit(args) -> list:
-    V = args.vocab_size
-    paths = sorted(glob.glob(args.tokens)) if args.tokens else []
-    if args.tokens and not paths:
-        raise ValueError(f"no file matches {args.tokens}")
-    stream = (np.concatenate([read_shard(p) for p in paths]) if paths
-              else zipf_stream(args.fit_tokens + args.eval_tokens + 1, V, seed=args.seed))
-    if int(stream.max()) >= V:
-        raise ValueError(f"tokens: ids up to {int(stream.max())} >= vocab_size {V}")
-    fit, ev = stream[: args.fit_tokens], stream[args.fit_tokens: args.fit_tokens + args.eval_tokens + 1]
-    ev = torch.from_numpy(ev.astype(np.int64))
-    E = ev.numel() - 1
-    net = NgramProxy(fit, V, args.proxy_order)
-    evn = ev.numpy()
-    buckets = args.buckets or max(1, E // 15)
-    kw = dict(vocab_size=V, max_order=args.max_order, min_count=args.min_count)
-    mixers = {f"exact {r}": BackoffNgramMixer(**kw, rule=r, beta=args.beta) for r in BackoffNgramMixer.RULES}
-    mixers[f"hashed target-only ({buckets:,} buckets, INVALID)"] = HashedTargetOnlyMixer(**kw, buckets=buckets)
-    rng = np.random.default_rng(args.seed)
-    sample = set(rng.choice(np.arange(E // 10, E), size=min(args.positions, E - E // 10), replace=False).tolist())
-    nll = {k: 0.0 for k in ["proxy alone", *mixers]}
-    sums = {k: [] for k in mixers}
-    P, C = args.max_order - 1, args.chunk
-    done = 0
-    for s in range(0, E, C):
-        e = min(s + C, E)
-        x, y = ev[max(0, s - P):e][None], ev[s + 1:e + 1][None]
-        logits = net.logits(evn, s, e)[None]
-        logp = torch.log_softmax(logits, -1)
-        nll["proxy alone"] += float(-logp[0].gather(-1, y[0, :, None]).sum())
-        for k, m in mixers.items():
-            nll[k] += float(m.score(logits, x, y).double().sum())
-            for t in range(s, e):
-                if t in sample:   # full distribution at row t: input ev[t], context ev[t-P .. t-1]
-                    row = ev[max(0, t - P): t + 1][None]
-                    sums[k].append(float(m.distribution(net.logits(evn, t, t + 1)[None], row).sum()))
-            m.update(ev[done:e + 1])
-        done = e + 1
-    nbytes = None
-    if args.tokenizer:
-        nbytes = float(token_bytes(args.tokenizer, V)(ev[:E].numpy(), ev[1:].numpy()).sum())
-    rows = []
-    for k, v in nll.items():
-        s_ = np.array(sums.get(k, [1.0]))
-        rows.append((k, s_.min(), s_.mean(), s_.max(), v / E / math.log(2), v / math.log(2) / nbytes if nbytes else None))
-    print(f"stream: {'+'.join(paths) if paths else 'synthetic Zipf'}; order-{args.proxy_order} proxy fitted on {len(fit):,} tokens; "
-          f"scored {E:,} tokens in chunks of {C}; orders 2..{args.max_order}; "
-          f"hashed load {E / buckets:.1f} tokens/bucket; sum_v p(v) at {len(next(iter(sums.values())))} sampled positions")
-    print(f"{'model':52s} {'min sum p':>10s} {'mean sum p':>11s} {'max sum p':>10s} {'bits/tok':>9s} {'BPB':>7s}")
-    for k, a, b, c, bt, bpb in rows:
-        print(f"{k:52s} {a:10.4f} {b:11.4f} {c:10.4f} {bt:9.4f} {'' if bpb is None else f'{bpb:7.4f}'}")
-    return rows
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="BackoffNgramMixer tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("audit", help="sum_v p(v) and claimed bits for the exact rules and the hashed rule")
-    a.add_argument("--tokens", default=None, help="shard file or glob (default: synthetic Zipf stream)")
-    a.add_argument("--fit-tokens", type=int, default=400_000, help="stream prefix that fits the proxy")
-    a.add_argument("--proxy-order", type=int, default=3, choices=(2, 3), help="n-gram proxy for the network")
-    a.add_argument("--eval-tokens", type=int, default=100_000, help="tokens scored after that prefix")
-    a.add_argument("--positions", type=int, default=200, help="positions where sum_v p(v) is computed")
-    a.add_argument("--buckets", type=int, default=0, help="hashed buckets per order (default: eval tokens / 15)")
-    a.add_argument("--max-order", type=int, default=10)
-    a.add_argument("--min-count", type=int, default=1)
-    a.add_argument("--beta", type=float, default=32.0, help="the dirichlet rules' concentration")
-    a.add_argument("--chunk", type=int, default=4096)
-    a.add_argument("--vocab-size", type=int, default=1024)
-    a.add_argument("--tokenizer", default=None, help="sentencepiece model: also report BPB")
-    a.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    audit(args)
-    print(f"({time.time() - t0:.1f} s)")
-
-
-if __name__ == "__main__":
-    main()

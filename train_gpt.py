@@ -26,8 +26,10 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,103 +46,107 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------- hyperparameters
-# (name, record default, cpu-preset default or None = same). The CPU preset is chosen when CUDA is
-# absent: a small model that trains for a couple of minutes on the sample dataset. Any env var wins.
+class HP(NamedTuple):
+    """One setting, in one place: env name, record default (its type is the setting's type), CPU-preset
+    value (None: the same), range check, and role: "arch" (the model's architecture: stored in the artifact,
+    the evaluation's model is built from it), "run" (bookkeeping, outside the config hash), or
+    "mixer:<kwarg>" (passed to BackoffNgramMixer as that keyword, which checks it)."""
+    name: str
+    record: object
+    cpu: object = None
+    check: str = ""
+    role: str = ""
+
+
+# Checks: ">=1" (counts, sizes), ">=0", "[0,1]", "0/1" (switches), "" (none, or the mixer's own).
+CHECKS = {">=1": (lambda v: v >= 1, "must be >= 1"), ">=0": (lambda v: v >= 0, "must be >= 0"),
+          "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"), "0/1": (lambda v: v in (0, 1), "must be 0 or 1")}
+# The CPU preset is chosen when CUDA is absent: a small model that trains for a couple of minutes on the
+# sample dataset. Any env var wins.
 HPARAMS = [
     # data and run
-    ("DATA_PATH", "./data/datasets/fineweb10B_sp1024", None),
-    ("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", None),
-    ("RUN_ID", "", None),
-    ("SEED", 1337, None),
-    ("ITERATIONS", 20000, 150),
-    ("MAX_WALLCLOCK_SECONDS", 600.0, 0.0),
-    ("WARMUP_STEPS", 20, 0),
-    ("WARMDOWN_ITERS", 3700, 50),
-    ("TRAIN_BATCH_TOKENS", 786432, 16384),
-    ("TRAIN_SEQ_LEN", 2048, 256),
-    ("TRAIN_LOG_EVERY", 200, 25),
-    ("VAL_LOSS_EVERY", 4000, 50),
-    ("VAL_BATCH_SIZE", 524288, 16384),
-    ("COMPILE", 1, 0),
+    HP("DATA_PATH", "./data/datasets/fineweb10B_sp1024", role="run"),
+    HP("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", role="run"),
+    HP("RUN_ID", "", role="run"),
+    HP("SEED", 1337, role="run"),
+    HP("ITERATIONS", 20000, 150, ">=1"),
+    HP("MAX_WALLCLOCK_SECONDS", 600.0, 0.0, ">=0"),
+    HP("WARMUP_STEPS", 20, 0, ">=0"),
+    HP("WARMDOWN_ITERS", 3700, 50, ">=0"),
+    HP("TRAIN_BATCH_TOKENS", 786432, 16384, ">=1"),
+    HP("TRAIN_SEQ_LEN", 2048, 256, ">=1"),
+    HP("TRAIN_LOG_EVERY", 200, 25, ">=1"),
+    HP("VAL_LOSS_EVERY", 4000, 50, ">=0"),
+    HP("VAL_BATCH_SIZE", 524288, 16384, ">=1"),
+    HP("COMPILE", 1, 0, "0/1"),
     # model
-    ("VOCAB_SIZE", 1024, None),
-    ("NUM_LAYERS", 11, 4),
-    ("MODEL_DIM", 512, 128),
-    ("NUM_HEADS", 8, 4),
-    ("NUM_KV_HEADS", 4, 2),
-    ("MLP_MULT", 3, None),
-    ("MLP_LEAKY_SLOPE", 0.75, None),
-    ("ROPE_DIMS", 16, None),
-    ("ROPE_BASE", 10000.0, None),
-    ("LOGIT_SOFTCAP", 30.0, None),
-    ("QK_GAIN_INIT", 1.5, None),
-    ("TIED_EMBED_INIT_STD", 0.005, None),
-    ("BIGRAM_VOCAB_SIZE", 2048, None),
-    ("BIGRAM_DIM", 128, 64),
-    ("XSA_LAST_N", 4, 2),
-    ("VE_DIM", 128, 32),
-    ("VE_LAYERS", "9,10", "2,3"),
-    ("MTP_NUM_HEADS", 2, None),
-    ("MTP_LOSS_WEIGHT", 0.1, None),
-    ("KG_INIT", 0, None),
-    ("KG_INIT_STRENGTH", 0.5, None),
+    HP("VOCAB_SIZE", 1024, None, ">=1", "arch"),
+    HP("NUM_LAYERS", 11, 4, ">=1", "arch"),
+    HP("MODEL_DIM", 512, 128, ">=1", "arch"),
+    HP("NUM_HEADS", 8, 4, ">=1", "arch"),
+    HP("NUM_KV_HEADS", 4, 2, ">=1", "arch"),
+    HP("MLP_MULT", 3, None, ">=1", "arch"),
+    HP("MLP_LEAKY_SLOPE", 0.75, None, "[0,1]", "arch"),
+    HP("ROPE_DIMS", 16, None, ">=0", "arch"),
+    HP("ROPE_BASE", 10000.0, None, "", "arch"),
+    HP("LOGIT_SOFTCAP", 30.0, None, "", "arch"),
+    HP("QK_GAIN_INIT", 1.5),
+    HP("TIED_EMBED_INIT_STD", 0.005),
+    HP("BIGRAM_VOCAB_SIZE", 2048, None, ">=1", "arch"),
+    HP("BIGRAM_DIM", 128, 64, ">=1", "arch"),
+    HP("XSA_LAST_N", 4, 2, ">=0", "arch"),
+    HP("VE_DIM", 128, 32, ">=1", "arch"),
+    HP("VE_LAYERS", "9,10", "2,3", "", "arch"),
+    HP("MTP_NUM_HEADS", 2, None, ">=0"),
+    HP("MTP_LOSS_WEIGHT", 0.1, None, ">=0"),
+    HP("KG_INIT", 0, None, "0/1"),
+    HP("KG_INIT_STRENGTH", 0.5, None, ">=0"),
     # optimizer
-    ("MATRIX_LR", 0.027, 0.02),
-    ("TIED_EMBED_LR", 0.035, None),
-    ("SCALAR_LR", 0.025, None),
-    ("MUON_MOMENTUM", 0.99, 0.95),
-    ("MUON_MOMENTUM_WARMUP_START", 0.92, 0.85),
-    ("MUON_MOMENTUM_WARMUP_STEPS", 1500, 100),
-    ("MUON_BACKEND_STEPS", 5, None),
-    ("MUON_WD", 0.04, None),
-    ("ADAM_WD", 0.04, None),
-    ("BETA1", 0.9, None),
-    ("BETA2", 0.95, None),
-    ("ADAM_EPS", 1e-8, None),
-    ("GRAD_CLIP_NORM", 0.3, None),
-    ("EMA_DECAY", 0.997, 0.98),
+    HP("MATRIX_LR", 0.027, 0.02, ">=0"),
+    HP("TIED_EMBED_LR", 0.035, None, ">=0"),
+    HP("SCALAR_LR", 0.025, None, ">=0"),
+    HP("MUON_MOMENTUM", 0.99, 0.95, "[0,1]"),
+    HP("MUON_MOMENTUM_WARMUP_START", 0.92, 0.85, "[0,1]"),
+    HP("MUON_MOMENTUM_WARMUP_STEPS", 1500, 100, ">=0"),
+    HP("MUON_BACKEND_STEPS", 5, None, ">=1"),
+    HP("MUON_WD", 0.04, None, ">=0"),
+    HP("ADAM_WD", 0.04, None, ">=0"),
+    HP("BETA1", 0.9, None, "[0,1]"),
+    HP("BETA2", 0.95, None, "[0,1]"),
+    HP("ADAM_EPS", 1e-8),
+    HP("GRAD_CLIP_NORM", 0.3, None, ">=0"),
+    HP("EMA_DECAY", 0.997, 0.98, "[0,1]"),
     # export and evaluation
-    ("EVAL_SEQ_LEN", 2048, 256),
-    ("EVAL_STRIDE", 64, 128),
-    ("EVAL_BATCH_SEQS", 128, 32),
-    ("USE_NGRAM_MIXER", 1, None),
-    ("NGRAM_ORDER", 10, None),
-    ("NGRAM_MIN_COUNT", 1, None),
-    ("NGRAM_RULE", "dirichlet_evidence", None),
-    ("NGRAM_BETA", 32.0, None),
-    ("ALPHA_BASE", 0.20, None),
-    ("ALPHA_RANGE", 0.55, None),
-    ("ALPHA_CENTER", 3.0, None),
-    ("EVAL_ONLY", 0, None),
-    ("ARTIFACT", "", None),
-    ("EVAL_DUMP", "", None),
-    ("COLLECTIVE_TIMEOUT_SECONDS", 600, 120),
+    HP("EVAL_SEQ_LEN", 2048, 256, ">=1"),
+    HP("EVAL_STRIDE", 64, 128, ">=1"),
+    HP("EVAL_BATCH_SEQS", 128, 32, ">=1"),
+    HP("USE_NGRAM_MIXER", 1, None, "0/1"),
+    HP("NGRAM_ORDER", 10, None, "", "mixer:max_order"),
+    HP("NGRAM_MIN_COUNT", 1, None, "", "mixer:min_count"),
+    HP("NGRAM_RULE", "dirichlet_evidence", None, "", "mixer:rule"),
+    HP("NGRAM_BETA", 32.0, None, "", "mixer:beta"),
+    HP("ALPHA_BASE", 0.20, None, "", "mixer:alpha_base"),
+    HP("ALPHA_RANGE", 0.55, None, "", "mixer:alpha_range"),
+    HP("ALPHA_CENTER", 3.0, None, "", "mixer:alpha_center"),
+    HP("EVAL_ONLY", 0, None, "0/1", "run"),
+    HP("ARTIFACT", "", role="run"),
+    HP("EVAL_DUMP", "", role="run"),
+    HP("COLLECTIVE_TIMEOUT_SECONDS", 600, 120, ">=1"),
 ]
-# Values that must be >= 1 (counts and sizes) or > 0 (rates); checked before any work starts.
-POSITIVE_INT = {"ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "TRAIN_LOG_EVERY", "VAL_BATCH_SIZE",
-                "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-                "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "VE_DIM", "MUON_BACKEND_STEPS", "EVAL_SEQ_LEN",
-                "EVAL_STRIDE", "EVAL_BATCH_SEQS", "NGRAM_MIN_COUNT", "COLLECTIVE_TIMEOUT_SECONDS"}
-NON_NEGATIVE = {"MAX_WALLCLOCK_SECONDS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "ROPE_DIMS",
-                "XSA_LAST_N", "MTP_NUM_HEADS", "MTP_LOSS_WEIGHT", "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR",
-                "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM", "MUON_MOMENTUM_WARMUP_STEPS", "KG_INIT_STRENGTH", "NGRAM_BETA"}
-UNIT_INTERVAL = {"MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY",
-                 "ALPHA_BASE", "ALPHA_RANGE", "MLP_LEAKY_SLOPE"}
-BOOLEAN = {"COMPILE", "USE_NGRAM_MIXER", "KG_INIT", "EVAL_ONLY"}
-NOT_IN_CONFIG_HASH = {"SEED", "RUN_ID", "EVAL_ONLY", "ARTIFACT", "EVAL_DUMP", "DATA_PATH", "TOKENIZER_PATH"}
 
 
 class Hyperparameters:
-    """Reads every hyperparameter from the environment (record default, or CPU preset without CUDA)."""
+    """Every HPARAMS setting read from the environment (record default, or the CPU preset without CUDA),
+    parsed and range-checked before any work starts; attribute = the env name in lower case."""
 
     def __init__(self, env=None, preset: str | None = None):
         env = os.environ if env is None else env
         self.preset = preset or ("record" if torch.cuda.is_available() else "cpu")
-        self.explicit = {name for name, _, _ in HPARAMS if name in env}
-        for name, record, cpu in HPARAMS:
-            default = cpu if (self.preset == "cpu" and cpu is not None) else record
-            raw = env.get(name)
-            setattr(self, name.lower(), default if raw is None else self._parse(name, raw, type(record)))
+        self.explicit = {h.name for h in HPARAMS if h.name in env}
+        for h in HPARAMS:
+            default = h.cpu if (self.preset == "cpu" and h.cpu is not None) else h.record
+            raw = env.get(h.name)
+            setattr(self, h.name.lower(), default if raw is None else self._parse(h.name, raw, type(h.record)))
         self._validate()
 
     @staticmethod
@@ -156,16 +162,10 @@ class Hyperparameters:
             raise UserError(f"{name}={raw!r} is not a valid {kind.__name__}; set {name} to a finite number") from None
 
     def _validate(self):
-        for name, _, _ in HPARAMS:
-            v = getattr(self, name.lower())
-            if name in POSITIVE_INT and v < 1:
-                raise UserError(f"{name}={v} must be >= 1")
-            if name in NON_NEGATIVE and v < 0:
-                raise UserError(f"{name}={v} must be >= 0")
-            if name in UNIT_INTERVAL and not 0 <= v <= 1:
-                raise UserError(f"{name}={v} must lie in [0, 1]")
-            if name in BOOLEAN and v not in (0, 1):
-                raise UserError(f"{name}={v} must be 0 or 1")
+        for h in HPARAMS:
+            v = getattr(self, h.name.lower())
+            if h.check and not CHECKS[h.check][0](v):
+                raise UserError(f"{h.name}={v} {CHECKS[h.check][1]}")
         if self.model_dim % self.num_heads:
             raise UserError(f"NUM_HEADS={self.num_heads} does not divide MODEL_DIM={self.model_dim}; pick a divisor")
         if self.num_heads % self.num_kv_heads:
@@ -177,30 +177,46 @@ class Hyperparameters:
             raise UserError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         if self.eval_stride > self.eval_seq_len:
             raise UserError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}; use a stride <= the window")
-        if self.ngram_rule not in ("backoff", "dirichlet", "dirichlet_evidence"):
-            raise UserError(f"NGRAM_RULE={self.ngram_rule!r} is not a rule; use dirichlet_evidence, dirichlet or backoff")
-        if self.ngram_order < 2:
-            raise UserError(f"NGRAM_ORDER={self.ngram_order} must be >= 2 (orders 2..NGRAM_ORDER are counted)")
         if self.xsa_last_n > self.num_layers:
             raise UserError(f"XSA_LAST_N={self.xsa_last_n} exceeds NUM_LAYERS={self.num_layers}")
-        for layer in self.ve_layer_ids:
+        for layer in layer_ids(self.ve_layers):
             if not 0 <= layer < self.num_layers:
                 raise UserError(f"VE_LAYERS={self.ve_layers!r} names layer {layer}, outside 0..{self.num_layers - 1}")
-
-    @property
-    def ve_layer_ids(self) -> list[int]:
-        try:
-            return [int(s) for s in self.ve_layers.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"VE_LAYERS={self.ve_layers!r} must be a comma-separated list of layer indices") from None
+        mixer_settings(self)
 
     def as_dict(self) -> dict:
-        return {name: getattr(self, name.lower()) for name, _, _ in HPARAMS}
+        return {h.name: getattr(self, h.name.lower()) for h in HPARAMS}
+
+    def arch(self) -> dict:
+        """The model's architecture: what the artifact stores and the evaluation builds its model from."""
+        return {h.name: getattr(self, h.name.lower()) for h in HPARAMS if h.role == "arch"}
 
     def config_hash(self) -> str:
         """Hash of every setting that changes the model or its score (not seed, run id or paths)."""
-        cfg = {k: v for k, v in self.as_dict().items() if k not in NOT_IN_CONFIG_HASH}
+        cfg = {h.name: getattr(self, h.name.lower()) for h in HPARAMS if h.role != "run"}
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def layer_ids(spec: str) -> list[int]:
+    """'9,10' -> [9, 10]."""
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"VE_LAYERS={spec!r} must be a comma-separated list of layer indices") from None
+
+
+def mixer_settings(args: Hyperparameters) -> dict:
+    """The BackoffNgramMixer keywords of the "mixer:" settings, checked by the mixer module itself (no table
+    allocated, no kernel compiled); a rejected value is named by its env var."""
+    from backoff_mixer import SettingError, check_settings
+    mixer = {h.role[6:]: h.name for h in HPARAMS if h.role.startswith("mixer:")}
+    kw = {k: getattr(args, name.lower()) for k, name in mixer.items()}
+    try:
+        check_settings(vocab_size=args.vocab_size, **kw)
+    except SettingError as e:
+        name = mixer.get(e.setting, "VOCAB_SIZE")
+        raise UserError(f"{name}={e.value!r} {e.problem}; fix {name}") from None
+    return kw
 
 
 # ----------------------------------------------------------------------------- data
@@ -272,10 +288,15 @@ def read_shard_header(path) -> int:
     return n
 
 
-def load_data_shard(path) -> Tensor:
-    """All tokens of one validated shard as a uint16 tensor."""
+def load_data_shard(path, vocab_size: int | None = None) -> Tensor:
+    """All tokens of one validated shard as a uint16 tensor; with vocab_size, every id must be < vocab_size
+    (one max per shard; a bad id would crash the embedding, on a GPU as a device-side assert)."""
     n = read_shard_header(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
+        pos = int(np.argmax(tokens >= vocab_size))
+        raise UserError(f"shard {path} has token id {int(tokens[pos])} at position {pos}, outside the vocabulary "
+                        f"[0, {vocab_size}): tokenized with another tokenizer? rebuild it or set VOCAB_SIZE")
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
 
@@ -290,19 +311,19 @@ def list_shards(pattern: str) -> list[str]:
 class TokenStream:
     """Reads shards in order as one endless stream (wrapping to the first shard at the end)."""
 
-    def __init__(self, pattern: str):
-        self.files = list_shards(pattern)
+    def __init__(self, pattern: str, vocab_size: int):
+        self.files, self.vocab_size = list_shards(pattern), vocab_size
         for f in self.files:
             read_shard_header(f)  # fail on a bad shard now, not an hour into training
         self.file_idx, self.pos = 0, 0
-        self.tokens = load_data_shard(self.files[0])
+        self.tokens = load_data_shard(self.files[0], vocab_size)
 
     def take(self, n: int) -> Tensor:
         chunks, left = [], n
         while left > 0:
             if self.pos >= self.tokens.numel():
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = load_data_shard(self.files[self.file_idx], self.vocab_size), 0
                 continue
             k = min(left, self.tokens.numel() - self.pos)
             chunks.append(self.tokens[self.pos:self.pos + k])
@@ -316,9 +337,9 @@ class DistributedTokenLoader:
     local = global_tokens / (world * grad_accum). A micro-step of W ranks covers exactly the W
     consecutive micro-batches a single rank would take, so the global batch does not depend on W."""
 
-    def __init__(self, pattern: str, rank: int, world_size: int, device):
+    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device):
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(pattern)
+        self.stream = TokenStream(pattern, vocab_size)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.world_size * grad_accum_steps)
@@ -328,9 +349,9 @@ class DistributedTokenLoader:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def load_validation_tokens(pattern: str, min_tokens: int = 2) -> Tensor:
-    """The whole validation stream (all val shards, in order)."""
-    tokens = torch.cat([load_data_shard(f) for f in list_shards(pattern)])
+def load_validation_tokens(pattern: str, vocab_size: int, min_tokens: int = 2) -> Tensor:
+    """The whole validation stream (all val shards, in order, every id checked against the vocabulary)."""
+    tokens = torch.cat([load_data_shard(f, vocab_size) for f in list_shards(pattern)])
     if tokens.numel() < min_tokens:
         raise UserError(f"validation split {pattern} has {tokens.numel()} tokens, fewer than the {min_tokens} "
                         f"needed (one window + 1); use more val data or a shorter EVAL_SEQ_LEN/TRAIN_SEQ_LEN")
@@ -353,7 +374,8 @@ def load_tokenizer(path: str, vocab_size: int):
 
 
 def build_byte_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token byte tables of the competition rule (SPEC §3): base bytes, leading space, boundary."""
+    """Per-token byte tables of the competition rule: base bytes (UTF-8 of the piece without its leading "▁";
+    byte-fallback pieces 1; control/unknown/unused 0), leading space, boundary (control/unknown/unused)."""
     base = torch.zeros(vocab_size, dtype=torch.int32)
     space = torch.zeros(vocab_size, dtype=torch.bool)
     boundary = torch.ones(vocab_size, dtype=torch.bool)
@@ -441,16 +463,16 @@ class Attention(nn.Module):
     """GQA causal attention: QK-RMSNorm, partial RoPE, per-head q gain, optional value embedding added
     to V, optional XSA (remove from each head's output its component along its own normalized value)."""
 
-    def __init__(self, args: Hyperparameters, xsa: bool):
+    def __init__(self, a, xsa: bool):
         super().__init__()
-        d, self.h, self.kv = args.model_dim, args.num_heads, args.num_kv_heads
+        d, self.h, self.kv = a.model_dim, a.num_heads, a.num_kv_heads
         self.hd = d // self.h
         self.q = nn.Linear(d, d, bias=False)
         self.k = nn.Linear(d, self.kv * self.hd, bias=False)
         self.v = nn.Linear(d, self.kv * self.hd, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
-        self.q_gain = nn.Parameter(torch.full((self.h,), args.qk_gain_init))
-        self.rotary = Rotary(args.rope_dims, args.rope_base)
+        self.q_gain = nn.Parameter(torch.ones(self.h))
+        self.rotary = Rotary(a.rope_dims, a.rope_base)
         self.xsa = xsa
         self.backend = "sdpa"
 
@@ -481,11 +503,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """down(leaky_relu(up(x), slope)^2)."""
 
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, a):
         super().__init__()
-        self.up = nn.Linear(args.model_dim, args.mlp_mult * args.model_dim, bias=False)
-        self.down = nn.Linear(args.mlp_mult * args.model_dim, args.model_dim, bias=False)
-        self.slope = args.mlp_leaky_slope
+        self.up = nn.Linear(a.model_dim, a.mlp_mult * a.model_dim, bias=False)
+        self.down = nn.Linear(a.mlp_mult * a.model_dim, a.model_dim, bias=False)
+        self.slope = a.mlp_leaky_slope
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.leaky_relu(self.up(x), self.slope).square())
@@ -494,11 +516,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """x_in = m0*x + m1*x0;  x = x_in + a*Attn(norm(x_in)*s);  x = x + c*MLP(norm(x)*s),  s = 1/sqrt(i+1)."""
 
-    def __init__(self, args: Hyperparameters, i: int):
+    def __init__(self, a, i: int):
         super().__init__()
-        d = args.model_dim
-        self.attn = Attention(args, xsa=i >= args.num_layers - args.xsa_last_n)
-        self.mlp = MLP(args)
+        d = a.model_dim
+        self.attn = Attention(a, xsa=i >= a.num_layers - a.xsa_last_n)
+        self.mlp = MLP(a)
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
@@ -513,34 +535,37 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """Tied embedding + bigram-hash embedding -> RMSNorm -> SmearGate -> U-Net of blocks -> RMSNorm ->
-    softcapped tied logits, plus MTP heads predicting tokens t+2.. t+1+MTP_NUM_HEADS (training only)."""
+    softcapped tied logits, plus MTP heads predicting tokens t+2.. t+1+mtp_heads (training only).
+    Built from `arch` alone (the "arch" settings by env name, as the artifact stores them)."""
 
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, arch: dict, mtp_heads: int = 0, mtp_weight: float = 0.0):
         super().__init__()
-        d, V = args.model_dim, args.vocab_size
-        self.softcap, self.mtp_weight = args.logit_softcap, args.mtp_loss_weight
+        a = types.SimpleNamespace(**{k.lower(): v for k, v in arch.items()})
+        d, V = a.model_dim, a.vocab_size
+        self.softcap, self.mtp_weight = a.logit_softcap, mtp_weight
         self.tok_emb = nn.Embedding(V, d)
-        self.bigram_buckets = args.bigram_vocab_size - 1  # the last bucket is position 0's
-        self.bigram_embed = nn.Embedding(args.bigram_vocab_size, args.bigram_dim)
-        self.bigram_proj = nn.Linear(args.bigram_dim, d, bias=False)
+        self.bigram_buckets = a.bigram_vocab_size - 1  # the last bucket is position 0's
+        self.bigram_embed = nn.Embedding(a.bigram_vocab_size, a.bigram_dim)
+        self.bigram_proj = nn.Linear(a.bigram_dim, d, bias=False)
         self.bigram_scale = nn.Parameter(torch.tensor(0.05))
         self.smear_gate = nn.Parameter(torch.zeros(d))
-        self.blocks = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
-        self.num_enc = args.num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_enc, args.num_layers - self.num_enc), d))
-        self.ve_layers = args.ve_layer_ids
+        self.blocks = nn.ModuleList(Block(a, i) for i in range(a.num_layers))
+        self.num_enc = a.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_enc, a.num_layers - self.num_enc), d))
+        self.ve_layers = layer_ids(a.ve_layers)
         if self.ve_layers:
-            kv_dim = args.num_kv_heads * (d // args.num_heads)
-            self.ve_embed = nn.Embedding(V, args.ve_dim)
-            self.ve_proj = nn.Linear(args.ve_dim, kv_dim, bias=False)
+            kv_dim = a.num_kv_heads * (d // a.num_heads)
+            self.ve_embed = nn.Embedding(V, a.ve_dim)
+            self.ve_proj = nn.Linear(a.ve_dim, kv_dim, bias=False)
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
-        self.mtp_heads = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(args.mtp_num_heads))
-        self._init_weights(args)
+        self.mtp_heads = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(mtp_heads))
 
     @torch.no_grad()
-    def _init_weights(self, args: Hyperparameters):
-        nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
+    def init_weights(self, embed_std: float, qk_gain: float) -> GPT:
+        """Training's init: N(0, embed_std) tied embedding, orthogonal Q/K/V/MLP-up, zero output projections,
+        bigram and value-embedding projections and MTP heads, q gain qk_gain."""
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
         nn.init.zeros_(self.bigram_embed.weight)
         nn.init.zeros_(self.bigram_proj.weight)
         for b in self.blocks:
@@ -548,11 +573,13 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(lin.weight)
             nn.init.zeros_(b.attn.proj.weight)
             nn.init.zeros_(b.mlp.down.weight)
+            b.attn.q_gain.fill_(qk_gain)
         if self.ve_layers:
             nn.init.normal_(self.ve_embed.weight, std=0.01)
             nn.init.zeros_(self.ve_proj.weight)
         for head in self.mtp_heads:
             nn.init.zeros_(head.weight)
+        return self
 
     def set_attention_backend(self, backend: str):
         for b in self.blocks:
@@ -600,6 +627,12 @@ class GPT(nn.Module):
         """For positions start..T-1: log p(target) and the entropy H (nats) of the network's distribution."""
         logp = torch.log_softmax(self.logits(self.hidden(idx)[:, start:]), dim=-1)
         return logp.gather(-1, targets[:, start:].unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def build_model(args: Hyperparameters) -> GPT:
+    """The training model: the architecture of `args`, its MTP heads, initialized."""
+    model = GPT(args.arch(), args.mtp_num_heads, args.mtp_loss_weight)
+    return model.init_weights(args.tied_embed_init_std, args.qk_gain_init)
 
 
 def count_params(model: GPT) -> tuple[int, int]:
@@ -850,14 +883,15 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
         return loss_value
 
     if args.warmup_steps:  # compile and warm the kernels, then reset weights, optimizer and data
-        opt, loader = Optimizers(model, args, ctx.rank, ctx.world), DistributedTokenLoader(train_pattern, ctx.rank, ctx.world, ctx.device)
+        opt = Optimizers(model, args, ctx.rank, ctx.world)
+        loader = DistributedTokenLoader(train_pattern, args.vocab_size, ctx.rank, ctx.world, ctx.device)
         for ws in range(args.warmup_steps):
             one_step(opt, loader, ws, 1.0)
             if ws + 1 == args.warmup_steps or (ws + 1) % 10 == 0:
                 log(f"warmup_step:{ws + 1}/{args.warmup_steps}")
         model.load_state_dict(initial)
     opt = Optimizers(model, args, ctx.rank, ctx.world)
-    loader = DistributedTokenLoader(train_pattern, ctx.rank, ctx.world, ctx.device)
+    loader = DistributedTokenLoader(train_pattern, args.vocab_size, ctx.rank, ctx.world, ctx.device)
     ema = [p.detach().float().clone() for p in model.parameters()]
     params = list(model.parameters())
     train_ms, step, stop_after, last_loss = 0.0, 0, None, float("nan")
@@ -913,9 +947,6 @@ INT6_SUFFIXES = (".attn.q.weight", ".attn.k.weight", ".attn.v.weight", ".attn.pr
                  ".mlp.up.weight", ".mlp.down.weight")
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 SMALL_TENSOR = 65_536
-ARCH_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
-             "ROPE_DIMS", "ROPE_BASE", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "XSA_LAST_N", "VE_DIM",
-             "VE_LAYERS")
 
 
 def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
@@ -967,7 +998,7 @@ def dequantize_state(qstate: dict) -> dict:
 
 def serialize_artifact(model: GPT, args: Hyperparameters) -> bytes:
     buf = io.BytesIO()
-    meta = {"arch": {k: args.as_dict()[k] for k in ARCH_KEYS}, "config_hash": args.config_hash()}
+    meta = {"arch": args.arch(), "config_hash": args.config_hash()}
     torch.save({"format": ARTIFACT_FORMAT, "meta": meta, "tensors": quantize_state(model)}, buf)
     return lzma.compress(buf.getvalue(), preset=9)
 
@@ -994,13 +1025,12 @@ def adopt_artifact_arch(args: Hyperparameters, meta: dict, path: str):
         raise UserError(f"artifact {path} is from a different config: {', '.join(clash)}; unset or match these")
     for k, v in meta["arch"].items():
         setattr(args, k.lower(), v)
+    mixer_settings(args)  # the mixer's limits depend on the vocabulary
 
 
-def build_eval_model(args: Hyperparameters, state: dict, path: str, device) -> GPT:
-    """The artifact's weights in a fresh model without MTP heads (they are not part of the artifact)."""
-    eval_args = Hyperparameters.__new__(Hyperparameters)
-    eval_args.__dict__.update(args.__dict__, mtp_num_heads=0)
-    model = GPT(eval_args)
+def build_eval_model(arch: dict, state: dict, path: str, device) -> GPT:
+    """The artifact's weights in a model of the artifact's architecture, without MTP heads (not exported)."""
+    model = GPT(arch)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -1026,17 +1056,23 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[int]:
     return [0] + [ws for ws in range(stride, max(n_targets - seq_len + stride, stride), stride)]
 
 
+def rank_span(starts: list[int], rank: int, world: int, L: int, S: int, N: int) -> tuple[list[int], int, int]:
+    """Rank r's share of the sliding windows (a contiguous run of starts) and the target span [lo, hi) those
+    windows score: window 0 scores from target 0, a later window ws from ws + L - S, up to ws + L."""
+    mine = starts[len(starts) * rank // world: len(starts) * (rank + 1) // world]
+    if not mine:
+        return mine, N, N
+    return mine, (0 if mine[0] == 0 else min(mine[0] + L - S, N)), min(mine[-1] + L, N)
+
+
 def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log) -> tuple[Tensor, Tensor]:
     """Neural pass: per target position of the stream, log p(y) and the entropy H, from windows of
     EVAL_SEQ_LEN every EVAL_STRIDE (batches of EVAL_BATCH_SEQS), windows sharded across ranks, gathered."""
     L, S, N = args.eval_seq_len, args.eval_stride, tokens.numel() - 1
     starts = sliding_windows(N, L, S)
-    mine = starts[len(starts) * ctx.rank // ctx.world: len(starts) * (ctx.rank + 1) // ctx.world]
-    first = mine[0] if mine else N
-    lo = 0 if first == 0 else min(first + L - S, N)
-    hi = min(mine[-1] + L, N) if mine else N
+    mine, lo, hi = rank_span(starts, ctx.rank, ctx.world, L, S, N)
     padded = torch.cat([tokens.to(ctx.device, torch.int64), torch.zeros(L, dtype=torch.int64, device=ctx.device)])
-    out = torch.zeros(2, max(hi - lo, 0), dtype=torch.float32, device=ctx.device)
+    out = torch.zeros(2, hi - lo, dtype=torch.float32, device=ctx.device)
     progress = Progress(log, "sliding_eval", len(mine), "windows")
     offsets = torch.arange(L, device=ctx.device)
     for i in range(0, len(mine), args.eval_batch_seqs):
@@ -1050,9 +1086,7 @@ def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log) -> t
         out[0, pos[keep] - lo], out[1, pos[keep] - lo] = logp.float()[keep], ent.float()[keep]
         progress.update(i + len(ws))
     if ctx.world > 1:
-        sizes = [len(starts) * r // ctx.world for r in range(ctx.world + 1)]
-        bounds = [(0 if starts[a] == 0 else min(starts[a] + L - S, N), min(starts[b - 1] + L, N)) if b > a else (N, N)
-                  for a, b in zip(sizes[:-1], sizes[1:])]
+        bounds = [rank_span(starts, r, ctx.world, L, S, N)[1:] for r in range(ctx.world)]
         width = max(b - a for a, b in bounds)
         mine_buf = torch.zeros(2, width, device=ctx.device)
         mine_buf[:, :out.size(1)] = out
@@ -1063,30 +1097,18 @@ def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log) -> t
     return out[0].cpu(), out[1].cpu()
 
 
-def make_mixer(args: Hyperparameters, device):
-    """The n-gram mixer of backoff_mixer.py with the NGRAM_*/ALPHA_* settings (checked before any work)."""
-    from backoff_mixer import BackoffNgramMixer
-    try:
-        return BackoffNgramMixer(vocab_size=args.vocab_size, max_order=args.ngram_order, min_count=args.ngram_min_count,
-                                 alpha_base=args.alpha_base, alpha_range=args.alpha_range, alpha_center=args.alpha_center,
-                                 device=str(device), rule=args.ngram_rule, beta=args.ngram_beta,
-                                 expected_tokens=0)   # mix_stream uses score_stream: no table
-    except ValueError as e:
-        raise UserError(f"n-gram mixer settings rejected: {e}; fix NGRAM_ORDER/NGRAM_MIN_COUNT/NGRAM_BETA") from None
-
-
 def mix_stream(tokens: Tensor, logp: Tensor, ent: Tensor, nbytes: Tensor, args: Hyperparameters, device, log) -> Tensor:
     """The n-gram pass over the stream in evaluation order: targets in chunks of EVAL_BATCH_SEQS*EVAL_STRIDE,
     each chunk scored with the counts of the tokens before it, then added (score first, update after).
-    Computed by the mixer's whole-stream path, bitwise equal to streaming score_from_net/update."""
-    mixer = make_mixer(args, device)
+    Computed by the mixer's whole-stream path (no table), bitwise equal to streaming score_from_net/update."""
+    from backoff_mixer import BackoffNgramMixer
+    mixer = BackoffNgramMixer(vocab_size=args.vocab_size, device=str(device), **mixer_settings(args))
     t0 = time.perf_counter()
     nll = mixer.score_stream(tokens.to(torch.int64), logp, ent, args.eval_batch_seqs * args.eval_stride).double().cpu()
-    elapsed, N = time.perf_counter() - t0, nll.numel()
-    cum_nll, cum_bytes = nll.cumsum(0), nbytes.cumsum(0)
-    for e in sorted({max(N * k // 20, 1) for k in range(1, 21)}):  # the running score as counts accumulate
-        log(f"mixer_progress tokens:{e}/{N} running_bpb:{cum_nll[e - 1].item() / math.log(2) / max(cum_bytes[e - 1].item(), 1):.4f} "
-            f"elapsed:{elapsed:.1f}s")
+    N, cum_nll, cum_bytes = nll.numel(), nll.cumsum(0), nbytes.cumsum(0)
+    running = ",".join(f"{e}:{cum_nll[e - 1].item() / math.log(2) / max(cum_bytes[e - 1].item(), 1):.4f}"
+                       for e in sorted({max(N * k // 20, 1) for k in range(1, 21)}))  # the score as counts accumulate
+    log(f"mixer_pass tokens:{N} rule:{args.ngram_rule} time:{time.perf_counter() - t0:.1f}s running_bpb:{running}")
     return nll
 
 
@@ -1094,8 +1116,8 @@ def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts
     """Round trip (non-overlapping windows) and sliding-window scoring of an artifact (read from disk unless
     `loaded`, load_artifact's result, is given), mixer included."""
     t0 = time.perf_counter()
-    _, state = loaded or load_artifact(path)
-    model = build_eval_model(args, state, path, ctx.device)
+    meta, state = loaded or load_artifact(path)
+    model = build_eval_model(meta["arch"], state, path, ctx.device)
     stats_fn = make_stats_fn(model, args)
     loss, bpb = eval_val(stats_fn, val_tokens, luts, args.eval_seq_len, args.val_batch_size, ctx)
     log(f"final_int6_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -1180,20 +1202,18 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     log(f"preset:{args.preset} device:{ctx.device.type} world_size:{ctx.world} backend:{ctx.backend} "
         f"attention:{attention} compile:{args.compile} gpu:{gpu}")
     sample = resolve_data(args, log)
-    val_pattern = os.path.join(args.data_path, "fineweb_val_*.bin")
-    val_tokens = load_validation_tokens(val_pattern, max(args.eval_seq_len, args.train_seq_len) + 1)
     loaded = None  # EVAL_ONLY: the artifact, read once
-    if args.eval_only:  # the artifact's arch (VOCAB_SIZE included) before the tokenizer check
+    if args.eval_only:  # the artifact's arch (VOCAB_SIZE included) before the token and tokenizer checks
         if not args.artifact:
             raise UserError("EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
         loaded = load_artifact(args.artifact)
         adopt_artifact_arch(args, loaded[0], args.artifact)
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     luts = build_byte_luts(sp, args.vocab_size)
+    val_pattern = os.path.join(args.data_path, "fineweb_val_*.bin")
+    val_tokens = load_validation_tokens(val_pattern, args.vocab_size, max(args.eval_seq_len, args.train_seq_len) + 1)
     if args.eval_dump and ctx.rank == 0:
         check_writable(args.eval_dump, "EVAL_DUMP")
-    if args.use_ngram_mixer:
-        make_mixer(args, "cpu")
     if not args.eval_only:
         list_shards(os.path.join(args.data_path, "fineweb_train_*.bin"))
     log(f"dataset:{Path(args.data_path).name} sample:{int(sample)} data_path:{args.data_path} "
@@ -1209,7 +1229,7 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
         artifact = args.artifact
         log(f"eval_only:1 artifact:{artifact}")
     else:
-        model = GPT(args).to(ctx.device)
+        model = build_model(args).to(ctx.device)
         total, mtp = count_params(model)
         log(f"model_params:{total}")
         log(f"mtp_params:{mtp}")

@@ -40,8 +40,7 @@ def full_val_windows(args) -> int:
 
 def random_eval_model(args, device) -> GPT:
     """A random-init model as the eval builds it (no MTP heads)."""
-    state = {k: v for k, v in GPT(args).state_dict().items() if not k.startswith("mtp_heads.")}
-    return build_eval_model(args, state, "random-init", device)
+    return build_eval_model(args.arch(), GPT(args.arch()).state_dict(), "random-init", device)
 
 
 def time_sliding(model: GPT, args, device: torch.device, windows: int, gpus: int = 8, log=print) -> dict:
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
     if a.artifact:
         meta, state = load_artifact(a.artifact)
         adopt_artifact_arch(args, meta, a.artifact)
-        model = build_eval_model(args, state, a.artifact, device)
+        model = build_eval_model(meta["arch"], state, a.artifact, device)
     else:
         model = random_eval_model(args, device)
     res = time_sliding(model, args, device, a.windows or 16 * args.eval_batch_seqs, a.gpus)

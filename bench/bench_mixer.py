@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 import backoff_mixer  # noqa: E402
-from backoff_mixer import BackoffNgramMixer, HashedTargetOnlyMixer, read_shard, zipf_stream  # noqa: E402
+from backoff_mixer import BackoffNgramMixer  # noqa: E402
+from mixer_audit import HashedTargetOnlyMixer, read_shard, zipf_stream  # noqa: E402
 
 
 def run(mixer, stream, chunk, P, device, logits, mode):
@@ -90,6 +92,7 @@ def main():
             ("exact, default rule, default table size", lambda: BackoffNgramMixer(V, args.max_order, device=dev)),
         ]:
             m = make()
+            getattr(m, "table", None)                 # the exact table is allocated on first use: now, before the clock
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sec, nll = run(m, stream, args.chunk, P, dev, logits, mode)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import GPT, Hyperparameters, Optimizers, attention_backend, autocast, count_params  # noqa: E402
+from train_gpt import GPT, Hyperparameters, Optimizers, attention_backend, autocast, build_model, count_params  # noqa: E402
 
 RECORD_GLOBAL_TOKENS = 786_432
 RECORD_MS_PER_STEP = 85.5
@@ -74,7 +74,7 @@ def time_training(args: Hyperparameters, device: torch.device, steps: int, warmu
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = GPT(args).to(device)
+    model = build_model(args).to(device)
     backend = attention_backend(device)
     model.set_attention_backend(backend)
     total, mtp = count_params(model)

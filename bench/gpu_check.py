@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tools")]
 import train_gpt  # noqa: E402
 from bench_eval import RECORD_EVAL_S, TARGET_S, VAL_TOKENS, random_eval_model, time_sliding  # noqa: E402
 from bench_train import (RECORD_MS_PER_STEP, RECORD_TOKENS_PER_S_PER_GPU, make_args, sync,  # noqa: E402
                          time_training)
-from train_gpt import (GPT, LIMIT_BYTES, autocast, build_eval_model, code_bytes, count_params,  # noqa: E402
+from train_gpt import (LIMIT_BYTES, autocast, build_eval_model, build_model, code_bytes, count_params,  # noqa: E402
                        load_artifact, serialize_artifact)
 
 RECORD_PARAMS, RECORD_MTP_PARAMS, RECORD_MODEL_BYTES = 28_042_332, 1_048_576, 15_865_748
@@ -124,7 +124,7 @@ def phase_env(device: torch.device) -> dict:
 
 def phase_model(args) -> dict:
     with torch.device("meta"):
-        total, mtp = count_params(GPT(args))
+        total, mtp = count_params(build_model(args))
     res = {"model_params": total, "mtp_params": mtp}
     if args.preset == "record":
         res["matches_spec"] = (total, mtp) == (RECORD_PARAMS, RECORD_MTP_PARAMS)
@@ -133,7 +133,7 @@ def phase_model(args) -> dict:
 
 def phase_export(args, device, state: dict, seqs: int) -> dict:
     """Serialize, write, reload; compare the loss of the trained and the reloaded model on one batch."""
-    model = state.get("model") or GPT(args).to(device)
+    model = state.get("model") or build_model(args).to(device)
     t = time.perf_counter()
     blob = serialize_artifact(model, args)
     serialize_s = time.perf_counter() - t
@@ -141,8 +141,8 @@ def phase_export(args, device, state: dict, seqs: int) -> dict:
         path = str(Path(tmp) / "gpu_check.ptz")
         Path(path).write_bytes(blob)
         t = time.perf_counter()
-        _, sd = load_artifact(path)
-        eval_model = build_eval_model(args, sd, path, device)
+        meta, sd = load_artifact(path)
+        eval_model = build_eval_model(meta["arch"], sd, path, device)
         load_s = time.perf_counter() - t
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len + 1), generator=gen).to(device)
@@ -165,7 +165,8 @@ def phase_mixer(args, device, n_tokens: int, check: Check, cap_s: float) -> dict
     """The mixer over a synthetic Zipf stream: first the evaluation's own pass (train_gpt.mix_stream, the
     whole-stream path) over all of it, then the streaming score_from_net/update contract on a prefix,
     chunked as the evaluation, until done or out of time."""
-    from backoff_mixer import BackoffNgramMixer, zipf_stream
+    from backoff_mixer import BackoffNgramMixer
+    from mixer_audit import zipf_stream
     t = time.perf_counter()
     stream = torch.from_numpy(zipf_stream(n_tokens, args.vocab_size, seed=0).astype(np.int64))
     gen_s = time.perf_counter() - t

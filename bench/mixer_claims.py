@@ -18,7 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
-from backoff_mixer import BackoffNgramMixer, HashedTargetOnlyMixer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from backoff_mixer import BackoffNgramMixer  # noqa: E402
+from mixer_audit import HashedTargetOnlyMixer  # noqa: E402
 
 
 def stream_scores(mixer, tokens: torch.Tensor, logp: torch.Tensor, ent: torch.Tensor, chunk: int, order: int) -> np.ndarray:

@@ -64,7 +64,7 @@ def tiny_env(tiny_data, sample_paths) -> dict:
 
 
 def tiny_env_for(data: Path, sample_paths, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in train_gpt.HPARAMS}}
+    env = {k: v for k, v in os.environ.items() if k not in {h.name for h in train_gpt.HPARAMS}}
     env.update(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=str(sample_paths[1]), OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

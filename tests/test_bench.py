@@ -27,7 +27,7 @@ PHASES = ["env", "model", "train", "export", "eval", "mixer"]
 
 def clean_env(**extra) -> dict:
     """The environment without any train_gpt.py setting, one thread, plus extra."""
-    env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in train_gpt.HPARAMS} | {"OUT"}}
+    env = {k: v for k, v in os.environ.items() if k not in {h.name for h in train_gpt.HPARAMS} | {"OUT"}}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable)
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -73,7 +73,7 @@ def test_gpu_check_reports_the_other_phases_when_one_fails(tmp_path, monkeypatch
         raise RuntimeError("export exploded")
 
     monkeypatch.setattr(gpu_check, "phase_export", broken)
-    for name, _, _ in train_gpt.HPARAMS:
+    for name in (h.name for h in train_gpt.HPARAMS):
         monkeypatch.delenv(name, raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU threads contend badly on a loaded 2-core machine
@@ -103,7 +103,7 @@ def test_bench_train_tiny(tmp_path):
 def test_record_figures_and_flops_formula():
     args = train_gpt.Hyperparameters(env={}, preset="record")
     with torch.device("meta"):
-        model = train_gpt.GPT(args)
+        model = train_gpt.build_model(args)
     # every parameter but the token/bigram/value embedding tables, plus the tied head (V*d)
     assert bench_train.matmul_params(model) == 28_042_332 - 524_288 - 262_144 - 131_072 + 524_288
     assert bench_train.flops_per_token(model, args) == 6 * 27_649_116 + 12 * 11 * 2048 * 512

@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -30,7 +31,7 @@ FETCHER = ROOT / "data" / "cached_challenge_fineweb.py"
 
 
 def independent_read(path: Path) -> np.ndarray:
-    """The shard format read straight from SPEC §2: 256 LE int32 header, then LE uint16 tokens."""
+    """The competition shard format, read by hand: 256 LE int32 header [20240520, 1, n, 0...], then n LE uint16 tokens."""
     raw = path.read_bytes()
     magic, version, n = struct.unpack("<3i", raw[:12])
     assert (magic, version) == (20240520, 1)
@@ -101,7 +102,7 @@ def test_bad_shard_is_refused_naming_the_file(tmp_path, case):
     path = tmp_path / "fineweb_train_000000.bin"
     path.write_bytes(data)
     for read in (train_gpt.read_shard_header, train_gpt.load_data_shard,
-                 lambda p: train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin")).take(1)):
+                 lambda p: train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"), 1024).take(1)):
         with pytest.raises(UserError) as err:
             read(path)
         assert str(path) in str(err.value) and why in str(err.value)
@@ -112,7 +113,26 @@ def test_bad_shard_later_in_the_list_fails_before_any_tokens(tmp_path):
     train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(100))
     (tmp_path / "fineweb_train_000001.bin").write_bytes(_header(n=50) + b"\0" * 10)
     with pytest.raises(UserError, match="fineweb_train_000001.bin"):
-        train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"))
+        train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"), 1024)
+
+
+def test_token_ids_are_checked_against_the_vocabulary_where_read(tmp_path):
+    """Every shard read with a vocabulary is checked: the error names the file, the first bad position and
+    its value, whether the shard is the validation split, the first train shard, or one reached mid-stream."""
+    ok, bad = np.arange(100) % 50, np.arange(100) % 50
+    bad[[17, 60]] = [50, 999]                       # 50 is the first id outside a 50-token vocabulary
+    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", ok)
+    train_gpt.write_shard(tmp_path / "fineweb_train_000001.bin", bad)
+    train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", bad)
+    expect = "has token id 50 at position 17, outside the vocabulary [0, 50)"
+    with pytest.raises(UserError, match=re.escape(f"fineweb_val_000000.bin {expect}")):
+        train_gpt.load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), 50)
+    ts = train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"), 50)
+    assert ts.take(100).tolist() == ok.tolist()    # the first shard is fine
+    with pytest.raises(UserError, match=re.escape(f"fineweb_train_000001.bin {expect}")):
+        ts.take(1)                                  # the second is refused when it is read, before use
+    assert train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"), 1000).take(200).tolist() == ok.tolist() + bad.tolist()
+    assert train_gpt.load_data_shard(tmp_path / "fineweb_train_000001.bin").tolist() == bad.tolist()  # no vocabulary: no check
 
 
 def test_missing_shards_and_files(tmp_path):
@@ -133,7 +153,7 @@ def _write_stream(tmp_path, sizes, seed=0) -> np.ndarray:
 
 def test_token_stream_reads_shards_in_order_and_wraps(tmp_path):
     stream = _write_stream(tmp_path, [50, 7, 30])
-    ts = train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"))
+    ts = train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"), 1024)
     got = torch.cat([ts.take(n) for n in (13, 40, 60, 20)]).numpy()
     assert got.tolist() == np.tile(stream, 2)[:133].tolist()
 
@@ -142,8 +162,8 @@ def test_two_ranks_equal_one_rank_micro_batches(tmp_path):
     seq, local = 8, 32  # tokens per rank per micro-step
     stream = _write_stream(tmp_path, [101, 57, 230])
     pattern, cpu = str(tmp_path / "fineweb_train_*.bin"), torch.device("cpu")
-    ranks = [train_gpt.DistributedTokenLoader(pattern, r, 2, cpu) for r in range(2)]
-    single = train_gpt.DistributedTokenLoader(pattern, 0, 1, cpu)
+    ranks = [train_gpt.DistributedTokenLoader(pattern, 1024, r, 2, cpu) for r in range(2)]
+    single = train_gpt.DistributedTokenLoader(pattern, 1024, 0, 1, cpu)
     expected = np.tile(stream, 4)
     for step in range(6):  # long enough to cross every shard boundary and wrap
         two = [loader.next_batch(2 * local, seq, grad_accum_steps=1) for loader in ranks]
@@ -200,7 +220,7 @@ def test_target_bytes_of_bos_documents_match_decoded_text(sp):
 
 
 def test_target_bytes_on_sample_val_shard(sample, sp):
-    val = train_gpt.load_validation_tokens(str(sample[0] / "fineweb_val_*.bin")).tolist()
+    val = train_gpt.load_validation_tokens(str(sample[0] / "fineweb_val_*.bin"), 1024).tolist()
     bos = sp.bos_id()
     starts = [i for i, t in enumerate(val) if t == bos] + [len(val)]
     expected = sum(len(sp.decode(val[a + 1:b]).encode()) for a, b in zip(starts, starts[1:]))

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from backoff_mixer import BackoffNgramMixer, HashedTargetOnlyMixer  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from backoff_mixer import BackoffNgramMixer, check_settings  # noqa: E402
+from mixer_audit import HashedTargetOnlyMixer  # noqa: E402
 
 RULES = BackoffNgramMixer.RULES
 
@@ -286,6 +288,23 @@ def test_validation_errors():
         BackoffNgramMixer(vocab_size=8, rule="kneser")
 
 
+@pytest.mark.parametrize("kw, setting", [
+    (dict(max_order=1), "max_order"), (dict(max_order=11), "max_order"), (dict(min_count=0), "min_count"),
+    (dict(rule="kneser"), "rule"), (dict(beta=0.0), "beta"), (dict(beta=float("inf")), "beta"),
+    (dict(alpha_base=-0.1), "alpha_base"), (dict(alpha_base=0.6, alpha_range=0.6), "alpha_range"),
+    (dict(alpha_center=float("nan")), "alpha_center"), (dict(vocab_size=1), "vocab_size"),
+])
+def test_check_settings_names_the_setting(kw, setting):
+    """check_settings (what the constructor runs, and what train_gpt calls at start-up) names the keyword;
+    max_order 11 is one past the longest exact key for V = 1024; alpha_base + alpha_range > 1 would make
+    1 - alpha(H) negative, so no longer a mixture."""
+    import backoff_mixer
+    with pytest.raises(backoff_mixer.SettingError) as err:
+        check_settings(**{"vocab_size": 1024, **kw})
+    assert err.value.setting == setting and str(err.value).startswith(f"{setting}=")
+    check_settings(vocab_size=1024, max_order=10, alpha_base=0.45, alpha_range=0.55)   # the edges are fine
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("rule", RULES)
 def test_cuda_matches_cpu(rule):
@@ -423,3 +442,18 @@ def test_scoring_no_rows_returns_an_empty_result(table_code):
             assert out.shape == (1, T) and torch.isfinite(out).all()
         assert m.score_from_net(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 5, dtype=torch.long),
                                 torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
+
+
+def test_audit_command_from_tools(capsys):
+    """tools/mixer_audit.py (moved out of the counted mixer module) still runs: the exact rules sum to 1 at
+    every sampled position, the record's hashed rule at its load sums far above 1."""
+    import mixer_audit
+    rows = mixer_audit.audit(mixer_audit.argparse.Namespace(
+        tokens=None, fit_tokens=20000, eval_tokens=6000, positions=12, buckets=0, max_order=6, min_count=1,
+        beta=32.0, chunk=2048, vocab_size=256, tokenizer=None, seed=0, proxy_order=2))
+    sums = {name: (lo, hi) for name, lo, _, hi, _, _ in rows}
+    for rule in BackoffNgramMixer.RULES:
+        assert sums[f"exact {rule}"] == pytest.approx((1.0, 1.0), abs=1e-6)   # (the proxy's float32 softmax)
+    hashed = [name for name in sums if name.startswith("hashed")]
+    assert len(hashed) == 1 and sums[hashed[0]][1] > 10
+    assert "INVALID" in capsys.readouterr().out

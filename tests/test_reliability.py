@@ -71,10 +71,10 @@ def other_meta_artifact(w):
 
 def vocab512_artifact(w):
     """A well-formed artifact of a 512-token model: the 1024-token tokenizer does not match it."""
-    env = {k: v for k, v in w.env.items() if k in {n for n, _, _ in train_gpt.HPARAMS}}
+    env = {k: v for k, v in w.env.items() if k in {h.name for h in train_gpt.HPARAMS}}
     args = train_gpt.Hyperparameters(dict(env, VOCAB_SIZE="512"), preset="cpu")
     path = w.root / "v512.ptz"
-    path.write_bytes(train_gpt.serialize_artifact(train_gpt.GPT(args), args))
+    path.write_bytes(train_gpt.serialize_artifact(train_gpt.build_model(args), args))
     return {"EVAL_ONLY": "1", "ARTIFACT": str(path)}
 
 
@@ -90,7 +90,15 @@ def corrupt_kg(w):
     return {"KG_INIT": "1", "_SCRIPT": str(code / "train_gpt.py")}
 
 
+def out_of_vocab(path: Path, pos: int, value: int):
+    """Put one token id >= VOCAB_SIZE (1024) into a shard at pos (a shard made with another tokenizer)."""
+    tokens = train_gpt.load_data_shard(path).numpy().copy()
+    tokens[pos] = value
+    train_gpt.write_shard(path, tokens)
+
+
 VAL = "fineweb_val_000000.bin"
+TRAIN0 = "fineweb_train_000000.bin"
 TRAIN1 = "fineweb_train_000001.bin"
 CASES = {
     "data_path_missing": (lambda w: {"DATA_PATH": str(w.root / "nope")}, "does not exist"),
@@ -100,6 +108,8 @@ CASES = {
     "val_truncated": (lambda w: truncate(w.data / VAL, 10), "truncated"),
     "train_truncated": (lambda w: truncate(w.data / TRAIN1, 3), "truncated"),
     "train_header_only": (lambda w: (w.data / TRAIN1).write_bytes(b"\0" * 100), "shorter than"),
+    "val_token_out_of_vocab": (lambda w: out_of_vocab(w.data / VAL, 777, 1024), f"{VAL} has token id 1024 at position 777"),
+    "train_token_out_of_vocab": (lambda w: out_of_vocab(w.data / TRAIN0, 5, 40000), f"{TRAIN0} has token id 40000 at position 5"),
     "val_shorter_than_window": (lambda w: train_gpt.write_shard(w.data / VAL, np.arange(50)), "validation split"),
     "tokenizer_missing": (lambda w: {"TOKENIZER_PATH": str(w.root / "no.model")}, "not found"),
     "tokenizer_garbage": (lambda w: put(w.root / "g.model", b"junk" * 10, "TOKENIZER_PATH"), "not a SentencePiece"),

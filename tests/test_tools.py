@@ -118,7 +118,7 @@ def test_parse_ignores_interleaved_lines_and_reads_curves():
 
 
 @pytest.mark.parametrize("cut", ["run_complete", "final_int6_sliding_window_exact",
-                                 "Total submission size", "mixer_progress tokens:32000000"])
+                                 "Total submission size", "mixer_pass"])
 def test_truncated_log_refused(tmp_path, cut):
     text = GPU_LOGS[0].read_text()
     bad = tmp_path / "truncated.txt"
@@ -195,7 +195,7 @@ def test_single_gpu_log_is_not_a_record(tmp_path):
 
 def test_mixer_off_log(tmp_path):
     plain = variant(tmp_path, GPU_LOGS[0], "plain.txt",
-                    drop=("mixer_progress", "final_int6_sliding_window_neural_exact"))
+                    drop=("mixer_pass", "final_int6_sliding_window_neural_exact"))
     proc, sub = make_json(tmp_path, plain)
     assert proc.returncode == 0, proc.stderr
     assert sub["mixer"] is False
@@ -250,10 +250,10 @@ def record(root, *logs, extra=()):
 def test_record_folder_contents(fake_root):
     proc = record(fake_root, *GPU_LOGS)
     assert proc.returncode == 0, proc.stderr
-    folder = fake_root / "records" / "2026-01-02_fixture_run"
+    folder = fake_root / "records" / "track_10min_16mb" / "2026-01-02_fixture_run"
     expected = {"README.md", "submission.json", *CODE_FILES, *(p.name for p in GPU_LOGS)}
     assert {p.name for p in folder.iterdir()} == expected
-    assert [p.name for p in (fake_root / "records").iterdir()] == [folder.name]
+    assert [p.name for p in (fake_root / "records" / "track_10min_16mb").iterdir()] == [folder.name]
     for log in GPU_LOGS:
         assert (folder / log.name).read_bytes() == log.read_bytes()
     sub = json.loads((folder / "submission.json").read_text())
@@ -271,7 +271,7 @@ def test_record_refused_leaves_nothing(fake_root, tmp_path):
     for logs, reason in [((CPU_LOG,), "device:cpu"), ((GPU_LOGS[0], bad), "incomplete")]:
         proc = record(fake_root, *logs)
         assert proc.returncode == 1 and reason in proc.stderr
-        assert not (fake_root / "records").exists() or not any((fake_root / "records").iterdir())
+        assert not (fake_root / "records").exists() or not any((fake_root / "records").rglob("*"))
 
 
 def test_record_refuses_changed_code(fake_root):
@@ -284,7 +284,7 @@ def test_record_refuses_changed_code(fake_root):
 def test_record_non_record_and_existing_target(fake_root):
     proc = record(fake_root, CPU_LOG, extra=["--non-record"])
     assert proc.returncode == 0, proc.stderr
-    readme = (fake_root / "records" / "2026-01-02_fixture_run" / "README.md").read_text()
+    readme = (fake_root / "records" / "track_non_record_16mb" / "2026-01-02_fixture_run" / "README.md").read_text()
     assert "Non-record" in readme and "1x cpu" in readme
     proc = record(fake_root, CPU_LOG, extra=["--non-record"])
     assert proc.returncode == 1 and "already exists" in proc.stderr

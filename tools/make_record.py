@@ -1,4 +1,6 @@
-"""Assemble records/<date>_<name>/ (README.md, submission.json, logs, counted code files).
+"""Assemble a record folder (README.md, submission.json, logs, counted code files) in the competition's
+layout: records/track_10min_16mb/<date>_<name>/ for an 8xH100 record, records/track_non_record_16mb/... with
+--non-record.
 
 Usage: python tools/make_record.py --name NAME [--date YYYY-MM-DD] [--non-record] logs/*.txt
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from make_submission import RunLog, add_common_args, load_submission, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TRACKS = {False: "track_10min_16mb", True: "track_non_record_16mb"}   # by --non-record
 
 HONEST_NOTE = """\
 ## How the score is computed
@@ -145,14 +148,15 @@ def main(argv=None) -> int:
     parser.add_argument("--date", default=date.today().isoformat(), help="YYYY-MM-DD")
     parser.add_argument("--root", type=Path, default=REPO_ROOT,
                         help="where the counted code files are copied from (repo root)")
-    parser.add_argument("--records-dir", type=Path, help="default: <root>/records")
+    parser.add_argument("--records-dir", type=Path, help="default: <root>/records/track_10min_16mb "
+                        "(records/track_non_record_16mb with --non-record)")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
         parser.error(f"--date {args.date!r} is not YYYY-MM-DD")
     folder, errors = build_record(
         args.logs, name=args.name, day=args.date, author=args.author,
         non_record=args.non_record, root=args.root,
-        records_dir=args.records_dir or args.root / "records")
+        records_dir=args.records_dir or args.root / "records" / TRACKS[args.non_record])
     if errors:
         for line in errors:
             print(f"refused: {line}", file=sys.stderr)

@@ -175,8 +175,8 @@ def _apply_line(run: RunLog, first: str, tag: str, kv: dict) -> None:
     elif tag == "final_int6_sliding_window_exact":
         run.sliding_loss, run.sliding_bpb = number(kv["val_loss"]), number(kv["val_bpb"])
         run.sliding_eval_ms = number(kv["eval_time"])
-    elif tag == "mixer_progress":
-        run.mixer_points.append((int(kv["tokens"].split("/")[0]), number(kv["running_bpb"])))
+    elif tag == "mixer_pass":
+        run.mixer_points = [(int(n), number(b)) for n, b in (p.split(":") for p in kv["running_bpb"].split(","))]
     elif tag == "run_complete":
         run.total_time_s = number(kv["total_time"])
 

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     run = parse_log(args.log)
     if not (run.train_points or run.val_points or run.mixer_points):
-        print(f"refused: {args.log}: no step or mixer_progress lines to plot", file=sys.stderr)
+        print(f"refused: {args.log}: no step or mixer_pass lines to plot", file=sys.stderr)
         return 1
     out = args.out or Path("docs") / f"{args.log.stem}.png"
     plot_run(run, out)
