@@ -380,3 +380,12 @@ def test_fetch_without_network_fails_in_one_line(tmp_path, env):
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: cannot reach the Hugging Face Hub")
     assert time.perf_counter() - t0 < 20
+
+
+def test_heldout_builder_strips_troff():
+    """data/build_heldout_dataset.py keeps a man page's words and drops its markup (hand-written page)."""
+    sys.path.insert(0, str(ROOT / "data"))
+    from build_heldout_dataset import man_text
+    page = ('.\\" a comment\n.TH LS 1\n.SH NAME\nls \\- list \\fBdirectory\\fR contents\n.PP\n'
+            '.B \\-\\-all\nit\\(aqs \\s-1small\\s0 and \\*(lqquoted\\*(rq\n.sp 2\n')
+    assert man_text(page) == "NAME\nls - list directory contents\n\n--all\nit's small and quoted"
