@@ -58,7 +58,7 @@ class HP(NamedTuple):
     role: str = ""
 
 
-# Checks: ">=1" (counts, sizes), ">=0", "[0,1]", "0/1" (switches), "" (none, or the mixer's own).
+# Checks: ">=1" (counts, sizes), ">=0", "[0,1]", "0/1" (switches), "a|b|c" (one of), "" (none, or the mixer's own).
 CHECKS = {">=1": (lambda v: v >= 1, "must be >= 1"), ">=0": (lambda v: v >= 0, "must be >= 0"),
           "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"), "0/1": (lambda v: v in (0, 1), "must be 0 or 1")}
 # The CPU preset is chosen when CUDA is absent: a small model that trains for a couple of minutes on the
@@ -79,6 +79,7 @@ HPARAMS = [
     HP("VAL_LOSS_EVERY", 4000, 50, ">=0"),
     HP("VAL_BATCH_SIZE", 524288, 16384, ">=1"),
     HP("COMPILE", 1, 0, "0/1"),
+    HP("ATTENTION", "auto", None, "auto|fa3|sdpa|sdpa_flash|sdpa_cudnn|sdpa_efficient", "run"),
     # model
     HP("VOCAB_SIZE", 1024, None, ">=1", "arch"),
     HP("NUM_LAYERS", 11, 4, ">=1", "arch"),
@@ -164,7 +165,9 @@ class Hyperparameters:
     def _validate(self):
         for h in HPARAMS:
             v = getattr(self, h.name.lower())
-            if h.check and not CHECKS[h.check][0](v):
+            if "|" in h.check and v not in h.check.split("|"):
+                raise UserError(f"{h.name}={v!r} must be one of {', '.join(h.check.split('|'))}")
+            if h.check in CHECKS and not CHECKS[h.check][0](v):
                 raise UserError(f"{h.name}={v} {CHECKS[h.check][1]}")
         if self.model_dim % self.num_heads:
             raise UserError(f"NUM_HEADS={self.num_heads} does not divide MODEL_DIM={self.model_dim}; pick a divisor")
@@ -423,10 +426,21 @@ except ImportError:
     _fa3_func = None
 
 
-def attention_backend(device: torch.device) -> str:
-    if _fa3_func is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return "fa3"
-    return "sdpa"
+def attention_backend(device: torch.device, choice: str = "auto") -> str:
+    """ATTENTION: auto = FlashAttention-3 on Hopper when it imports, else SDPA with PyTorch's own kernel choice;
+    sdpa_<kernel> allows SDPA only that kernel (global switches, which torch.compile respects). Measured side by
+    side by bench/attention_paths.py (bench/gpu_check.py's attention phase)."""
+    if choice == "auto":
+        hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+        return "fa3" if _fa3_func is not None and hopper else "sdpa"
+    if choice == "fa3" and (_fa3_func is None or device.type != "cuda"):
+        raise UserError("ATTENTION=fa3 needs CUDA and flash_attn_interface (FlashAttention-3); use ATTENTION=auto")
+    if choice.startswith("sdpa_"):
+        if device.type != "cuda":
+            raise UserError(f"ATTENTION={choice} picks a CUDA kernel; on CPU use ATTENTION=auto")
+        for kernel in ("flash", "cudnn", "mem_efficient", "math"):
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(choice == "sdpa_" + kernel.replace("mem_", ""))
+    return choice
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1118,6 +1132,7 @@ def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts
     t0 = time.perf_counter()
     meta, state = loaded or load_artifact(path)
     model = build_eval_model(meta["arch"], state, path, ctx.device)
+    model.set_attention_backend(attention_backend(ctx.device, args.attention))
     stats_fn = make_stats_fn(model, args)
     loss, bpb = eval_val(stats_fn, val_tokens, luts, args.eval_seq_len, args.val_batch_size, ctx)
     log(f"final_int6_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -1196,7 +1211,7 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     log = Logger(log_path if ctx.rank == 0 else None)
     log_box.append(log)
     t_start = time.perf_counter()
-    attention = attention_backend(ctx.device)
+    attention = attention_backend(ctx.device, args.attention)
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "none"
     log(f"run_id:{run_id}")
     log(f"preset:{args.preset} device:{ctx.device.type} world_size:{ctx.world} backend:{ctx.backend} "

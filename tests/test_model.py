@@ -144,6 +144,7 @@ def test_lr_multiplier_schedule():
     (dict(EVAL_STRIDE="0"), "must be >= 1"),
     (dict(NGRAM_ORDER="1"), "must be >= 2"),
     (dict(NGRAM_RULE="hashed"), "NGRAM_RULE='hashed' must be one of"),
+    (dict(ATTENTION="flex"), "ATTENTION='flex' must be one of auto, fa3, sdpa"),
 ])
 def test_bad_hyperparameters_are_one_clear_error(env, phrase):
     with pytest.raises(tg.UserError, match=phrase):

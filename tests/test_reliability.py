@@ -120,6 +120,8 @@ CASES = {
     "negative_stride": (lambda w: {"EVAL_STRIDE": "-1"}, "EVAL_STRIDE=-1"),
     "stride_over_window": (lambda w: {"EVAL_STRIDE": "65"}, "exceeds EVAL_SEQ_LEN"),
     "ngram_order_1": (lambda w: {"NGRAM_ORDER": "1"}, "NGRAM_ORDER=1"),
+    "attention_fa3_without_cuda": (lambda w: {"ATTENTION": "fa3"}, "ATTENTION=fa3 needs CUDA"),
+    "attention_cuda_kernel_on_cpu": (lambda w: {"ATTENTION": "sdpa_cudnn"}, "ATTENTION=sdpa_cudnn picks a CUDA kernel"),
     "heads_not_dividing_dim": (lambda w: {"NUM_HEADS": "3"}, "does not divide MODEL_DIM"),
     "kv_not_dividing_heads": (lambda w: {"NUM_KV_HEADS": "3"}, "does not divide NUM_HEADS"),
     "odd_head_dim": (lambda w: {"MODEL_DIM": "66"}, "odd"),
