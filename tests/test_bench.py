@@ -22,7 +22,7 @@ import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
 import mixer_claims  # noqa: E402
 
-PHASES = ["env", "model", "train", "export", "eval", "mixer"]
+PHASES = ["env", "model", "train", "export", "eval", "ttt", "mixer"]
 
 
 def clean_env(**extra) -> dict:
@@ -63,6 +63,13 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert v["windows"] == 32 and v["windows_per_s"] > 0
     assert v["val_windows"] == math.ceil((bench_eval.VAL_TOKENS - 1 - 128) / 32) + 1
     assert v["full_eval_s"] == pytest.approx(v["windows_per_rank"] / v["windows_per_s"])
+    tt = r["ttt"]
+    assert tt["chunks"] == 3 and tt["rank_chunk_tokens"] == tt["chunk_tokens"] == 256 and tt["steps"] == 3
+    # chunk 0 scores 256 + 128 - 32 targets = 3 seqs of 128 (2 steps of 2 seqs), chunk 1 2 seqs (1 step), chunk 2 none
+    assert tt["score_s_per_chunk"] > 0 and tt["train_s_per_chunk"] > 0
+    assert tt["full_chunks"] == math.ceil((bench_eval.VAL_TOKENS - 1) / 256)
+    assert tt["full_ttt_eval_s"] == pytest.approx(tt["full_chunks"] * tt["score_s_per_chunk"]
+                                                  + (tt["full_chunks"] - 1) * tt["train_s_per_chunk"])
     m = r["mixer"]
     assert m["complete"] and m["tokens_scored"] == m["stream_tokens"] - 1 == 19_999
     assert 0 < m["mean_nll"] < math.log(1024) and m["table_bytes"] > 0 and m["tokens_per_s"] > 0
