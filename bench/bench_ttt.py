@@ -8,16 +8,18 @@ time   Per-chunk cost of scoring and of training, measured on one device, and th
        all_gather of the chunk's scores, one all_reduce of the adapted gradients per step: 4 bytes x the
        adapted parameters, 112 MB at record size when all adapt). Tokens are random (speed does not depend
        on them); a warm-up over two chunks pays for the compile (COMPILE=1).
-sweep  EVAL_ONLY=1 runs of train_gpt.py on an artifact, one per (TTT_CHUNK_TOKENS, TTT_EPOCHS) and one with TTT
-       off, each with its log in --out; prints the table of docs/ttt.md (neural sliding BPB, mixed BPB, gains,
-       eval time split). Any train_gpt.py env var (DATA_PATH, TTT_LR, ...) passes through.
+sweep  EVAL_ONLY=1 runs of train_gpt.py on an artifact: one with TTT off, one per point of a grid of TTT settings
+       (--vary), each with its log in --out/logs (a log already there is reused, not rerun); prints a markdown
+       table (neural sliding BPB, mixed BPB, their gains, the eval time split). Any train_gpt.py env var
+       (DATA_PATH, TOKENIZER_PATH, EVAL_DUMP is not set) passes through to every run.
 
     python bench/bench_ttt.py time [--preset record|cpu] [--chunks 6] [--gpus 8] [--json PATH]
-    python bench/bench_ttt.py sweep --artifact A.ptz --chunk-tokens 4096,16384 --epochs 1,2 --out DIR [--tag T]
+    python bench/bench_ttt.py sweep --artifact A.ptz --vary TTT_CHUNK_TOKENS=4096,16384 --vary TTT_EPOCHS=1,2 --out DIR
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -99,13 +101,17 @@ FINAL = {"neural": r"^final_int6_sliding_window_neural_exact val_loss:\S+ val_bp
          "split": r"^eval_time_split (.*)$", "steps": r"^ttt .*steps:(\d+)"}
 
 
-def eval_only(artifact: str, out: Path, run_id: str, env: dict) -> dict:
-    """One EVAL_ONLY=1 run of train_gpt.py (cwd out); the numbers of its log."""
+def eval_only(artifact: str, out: Path, run_id: str, env: dict, dump: bool = False) -> dict:
+    """One EVAL_ONLY=1 run of train_gpt.py (cwd out: give paths in the env absolute); the numbers of its log."""
     log = out / "logs" / f"{run_id}.txt"
+    if log.exists() and "run_complete" not in log.read_text():
+        log.unlink()  # an interrupted or failed run: run it again
     if not log.exists():
         cmd = [sys.executable, str(HERE.parent / "train_gpt.py")]
-        p = subprocess.run(cmd, cwd=out, env=dict(os.environ, EVAL_ONLY="1", ARTIFACT=str(Path(artifact).resolve()),
-                                                  RUN_ID=run_id, **env), capture_output=True, text=True)
+        env = dict(os.environ, EVAL_ONLY="1", ARTIFACT=str(Path(artifact).resolve()), RUN_ID=run_id, **env)
+        if dump:
+            env["EVAL_DUMP"] = str(out / "dumps" / f"{run_id}.npz")
+        p = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
         if p.returncode:
             raise RuntimeError(f"{run_id} failed:\n{(p.stdout + p.stderr)[-2000:]}")
     text = log.read_text()
@@ -113,19 +119,21 @@ def eval_only(artifact: str, out: Path, run_id: str, env: dict) -> dict:
 
 
 def sweep(a) -> int:
+    """The TTT-off run, then one TTT run per point of the grid (the product of every --vary NAME=v1,v2,...)."""
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = eval_only(a.artifact, out, f"{a.tag}_off", {"TTT_ENABLED": "0"})
-    print(f"| TTT_CHUNK_TOKENS | TTT_EPOCHS | steps | neural BPB | gain | mixed BPB | gain | eval time split |\n"
-          f"| --- | --- | --- | --- | --- | --- | --- | --- |\n"
-          f"| off | | | {float(base['neural']):.4f} | | {float(base['mixed']):.4f} | | {base['split']} |", flush=True)
-    for c in a.chunk_tokens.split(","):
-        for e in a.epochs.split(","):
-            r = eval_only(a.artifact, out, f"{a.tag}_c{c}_e{e}",
-                          {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": c, "TTT_EPOCHS": e, "TTT_BASELINE": "0"})
-            dn, dm = float(r["neural"]) - float(base["neural"]), float(r["mixed"]) - float(base["mixed"])
-            print(f"| {c} | {e} | {r['steps']} | {float(r['neural']):.4f} | {dn:+.4f} | {float(r['mixed']):.4f} | "
-                  f"{dm:+.4f} | {r['split']} |", flush=True)
+    grid = [[(n, v) for v in vals.split(",")] for n, vals in (x.split("=", 1) for x in a.vary)]
+    names = [g[0][0] for g in grid]
+    base = eval_only(a.artifact, out, f"{a.tag}_off", {"TTT_ENABLED": "0"}, a.dump)
+    print(f"| {' | '.join(names)} | TTT steps | neural BPB | gain | mixed BPB | gain | eval time split |\n"
+          f"|{' --- |' * (len(names) + 6)}\n| off{' |' * len(names)} | {float(base['neural']):.4f} | | "
+          f"{float(base['mixed']):.4f} | | {base['split']} |", flush=True)
+    for point in itertools.product(*grid):
+        tag = "_".join(f"{n.lower().replace('ttt_', '')}{v}" for n, v in point)
+        r = eval_only(a.artifact, out, f"{a.tag}_{tag}", {"TTT_ENABLED": "1", "TTT_BASELINE": "0", **dict(point)}, a.dump)
+        dn, dm = float(r["neural"]) - float(base["neural"]), float(r["mixed"]) - float(base["mixed"])
+        print(f"| {' | '.join(v for _, v in point)} | {r['steps']} | {float(r['neural']):.4f} | {dn:+.4f} | "
+              f"{float(r['mixed']):.4f} | {dm:+.4f} | {r['split']} |", flush=True)
     return 0
 
 
@@ -139,10 +147,10 @@ def main(argv=None) -> int:
     t.add_argument("--json", default=None)
     s = sub.add_parser("sweep")
     s.add_argument("--artifact", required=True)
-    s.add_argument("--chunk-tokens", default="16384")
-    s.add_argument("--epochs", default="1")
+    s.add_argument("--vary", action="append", default=[], help="NAME=v1,v2 (repeatable): the grid's axes")
     s.add_argument("--out", required=True, help="cwd of the runs (their logs/ land here; existing logs are reused)")
     s.add_argument("--tag", default="sweep")
+    s.add_argument("--dump", action="store_true", help="EVAL_DUMP of every run to --out/dumps/<run id>.npz")
     a = ap.parse_args(argv)
     if a.cmd == "sweep":
         return sweep(a)
