@@ -130,7 +130,7 @@ HPARAMS = [
     HP("ALPHA_BASE", 0.20, None, "", "mixer:alpha_base"),
     HP("ALPHA_RANGE", 0.55, None, "", "mixer:alpha_range"),
     HP("ALPHA_CENTER", 3.0, None, "", "mixer:alpha_center"),
-    HP("TTT_ENABLED", 0, None, "0/1"),
+    HP("TTT_ENABLED", 1, None, "0/1"),
     HP("TTT_CHUNK_TOKENS", 65536, 4096, ">=1"),
     HP("TTT_EPOCHS", 3, 1, ">=1"),
     HP("TTT_LR", 0.0003, None, ">=0"),
