@@ -201,10 +201,10 @@ class Hyperparameters:
         if self.ttt_enabled and self.ttt_chunk_tokens % self.eval_stride:
             raise UserError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} is not a multiple of EVAL_STRIDE={self.eval_stride} "
                             f"(chunks end where windows' scored spans end); use a multiple of {self.eval_stride}")
-        try:
-            with torch.device("meta"):
-                if self.ttt_enabled and not any(re.search(self.ttt_params, n) for n, _ in GPT(self.arch()).named_parameters()):
-                    raise UserError(f"TTT_PARAMS={self.ttt_params!r} matches no parameter name; '.' adapts all of them")
+        mini = dict(self.arch(), VOCAB_SIZE=2, MODEL_DIM=2 * self.num_heads, BIGRAM_VOCAB_SIZE=2, BIGRAM_DIM=1, VE_DIM=1)
+        try:  # parameter names do not depend on widths: a miniature of the arch has them all, and builds in ms
+            if self.ttt_enabled and not any(re.search(self.ttt_params, n) for n, _ in GPT(mini).named_parameters()):
+                raise UserError(f"TTT_PARAMS={self.ttt_params!r} matches no parameter name; '.' adapts all of them")
         except re.error as e:
             raise UserError(f"TTT_PARAMS={self.ttt_params!r} is not a regular expression ({e})") from None
 
