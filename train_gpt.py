@@ -1206,11 +1206,9 @@ def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts
         log(f"final_int6_sliding_window_neural_exact val_loss:{nll_neural.mean().item():.8f} val_bpb:{bpb(nll_neural):.8f}")
         if base is not None:  # without TTT the network needs its own pass: only chunk 0 is scored by the same weights
             log(f"sliding_window_neural_no_ttt val_bpb:{(b0 := bpb(-base.double())):.8f} ttt_gain_bpb:{bpb(nll_neural) - b0:+.8f}")
-        if ttt:
-            log(f"ttt steps:{ttt.steps} adapted_params:{sum(p.numel() for p in ttt.params)} (settings: hparams TTT_*)")
         nll = mix_stream(val_tokens, logp, ent, nbytes, args, ctx.device, log) if args.use_ngram_mixer else nll_neural
         log(f"eval_time_split no_ttt_pass:{t2 - t1:.1f}s sliding:{t3 - t2 - t_ttt:.1f}s ttt_train:{t_ttt:.1f}s "
-            f"mixer:{time.perf_counter() - t3:.1f}s")
+            f"ttt_steps:{ttt.steps if ttt else 0} mixer:{time.perf_counter() - t3:.1f}s")
         log(f"final_int6_sliding_window_exact val_loss:{nll.mean().item():.8f} "
             f"val_bpb:{bpb(nll):.8f} eval_time:{1000 * (time.perf_counter() - t1):.0f}ms")
         if args.eval_dump:

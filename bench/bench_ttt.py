@@ -98,7 +98,7 @@ def describe(res: dict) -> str:
 
 FINAL = {"neural": r"^final_int6_sliding_window_neural_exact val_loss:\S+ val_bpb:(\S+)",
          "mixed": r"^final_int6_sliding_window_exact val_loss:\S+ val_bpb:(\S+)",
-         "split": r"^eval_time_split (.*)$", "steps": r"^ttt .*steps:(\d+)"}
+         "split": r"^eval_time_split (.*)$", "steps": r"^eval_time_split .*ttt_steps:(\d+)"}
 
 
 def eval_only(artifact: str, out: Path, run_id: str, env: dict, dump: bool = False) -> dict:
