@@ -22,6 +22,7 @@ import lzma
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -60,7 +61,8 @@ class HP(NamedTuple):
 
 # Checks: ">=1" (counts, sizes), ">=0", "[0,1]", "0/1" (switches), "a|b|c" (one of), "" (none, or the mixer's own).
 CHECKS = {">=1": (lambda v: v >= 1, "must be >= 1"), ">=0": (lambda v: v >= 0, "must be >= 0"),
-          "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"), "0/1": (lambda v: v in (0, 1), "must be 0 or 1")}
+          "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"), "0/1": (lambda v: v in (0, 1), "must be 0 or 1"),
+          "sgd/adamw": (lambda v: v in ("sgd", "adamw"), "must be sgd or adamw")}
 # The CPU preset is chosen when CUDA is absent: a small model that trains for a couple of minutes on the
 # sample dataset. Any env var wins.
 HPARAMS = [
@@ -129,6 +131,15 @@ HPARAMS = [
     HP("ALPHA_BASE", 0.20, None, "", "mixer:alpha_base"),
     HP("ALPHA_RANGE", 0.55, None, "", "mixer:alpha_range"),
     HP("ALPHA_CENTER", 3.0, None, "", "mixer:alpha_center"),
+    HP("TTT_ENABLED", 1, None, "0/1"),
+    HP("TTT_CHUNK_TOKENS", 65536, 4096, ">=1"),
+    HP("TTT_EPOCHS", 3, 1, ">=1"),
+    HP("TTT_LR", 0.0003, None, ">=0"),
+    HP("TTT_OPTIMIZER", "adamw", None, "sgd/adamw"),
+    HP("TTT_BATCH_SEQS", 32, 4, ">=1"),
+    HP("TTT_GRAD_CLIP", 1.0, None, ">=0"),
+    HP("TTT_PARAMS", "."),
+    HP("TTT_BASELINE", 1, 0, "0/1"),
     HP("EVAL_ONLY", 0, None, "0/1", "run"),
     HP("ARTIFACT", "", role="run"),
     HP("EVAL_DUMP", "", role="run"),
@@ -186,6 +197,19 @@ class Hyperparameters:
             if not 0 <= layer < self.num_layers:
                 raise UserError(f"VE_LAYERS={self.ve_layers!r} names layer {layer}, outside 0..{self.num_layers - 1}")
         mixer_settings(self)
+        self.check_ttt()
+
+    def check_ttt(self):
+        """With TTT on: chunks end where windows' scored spans end, and TTT_PARAMS names some parameter of the arch."""
+        if self.ttt_enabled and self.ttt_chunk_tokens % self.eval_stride:
+            raise UserError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} is not a multiple of EVAL_STRIDE={self.eval_stride} "
+                            f"(chunks end where windows' scored spans end); use a multiple of {self.eval_stride}")
+        mini = dict(self.arch(), VOCAB_SIZE=2, MODEL_DIM=2 * self.num_heads, BIGRAM_VOCAB_SIZE=2, BIGRAM_DIM=1, VE_DIM=1)
+        try:  # parameter names do not depend on widths: a miniature of the arch has them all, and builds in ms
+            if self.ttt_enabled and not any(re.search(self.ttt_params, n) for n, _ in GPT(mini).named_parameters()):
+                raise UserError(f"TTT_PARAMS={self.ttt_params!r} matches no parameter name; '.' adapts all of them")
+        except re.error as e:
+            raise UserError(f"TTT_PARAMS={self.ttt_params!r} is not a regular expression ({e})") from None
 
     def as_dict(self) -> dict:
         return {h.name: getattr(self, h.name.lower()) for h in HPARAMS}
@@ -736,6 +760,13 @@ def split_params(model: GPT) -> tuple[list, list, list]:
     return matrices, embeddings, scalars
 
 
+def all_reduce_sum(tensors: list[Tensor], scale: float = 1.0):
+    """tensors <- scale * (their sum across ranks), in place, in one flat collective."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip((flat * scale).split([t.numel() for t in tensors]), tensors)])
+
+
 class Optimizers:
     """Muon + AdamW with the record's schedule hooks, global grad-norm clipping and gradient averaging."""
 
@@ -757,13 +788,7 @@ class Optimizers:
         a = self.args
         grads = [p.grad for p in self.adam_params]
         if self.world > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= self.world
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            all_reduce_sum(grads, 1 / self.world)
         sq = self.muon.reduce_grads()
         if self.world > 1:
             dist.all_reduce(sq)
@@ -1079,36 +1104,83 @@ def rank_span(starts: list[int], rank: int, world: int, L: int, S: int, N: int) 
     return mine, (0 if mine[0] == 0 else min(mine[0] + L - S, N)), min(mine[-1] + L, N)
 
 
-def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log) -> tuple[Tensor, Tensor]:
+def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log, adapt=None) -> tuple[Tensor, Tensor]:
     """Neural pass: per target position of the stream, log p(y) and the entropy H, from windows of
-    EVAL_SEQ_LEN every EVAL_STRIDE (batches of EVAL_BATCH_SEQS), windows sharded across ranks, gathered."""
+    EVAL_SEQ_LEN every EVAL_STRIDE (batches of EVAL_BATCH_SEQS), windows sharded across ranks, gathered. With `adapt`
+    (TTT) the windows are cut in order into chunks of TTT_CHUNK_TOKENS/EVAL_STRIDE: a chunk is scored with the current
+    weights, then adapt(lo, hi) trains on the targets [lo, hi) it scored (not after the last chunk), then the next."""
     L, S, N = args.eval_seq_len, args.eval_stride, tokens.numel() - 1
     starts = sliding_windows(N, L, S)
-    mine, lo, hi = rank_span(starts, ctx.rank, ctx.world, L, S, N)
+    per = args.ttt_chunk_tokens // S if adapt else len(starts)
     padded = torch.cat([tokens.to(ctx.device, torch.int64), torch.zeros(L, dtype=torch.int64, device=ctx.device)])
-    out = torch.zeros(2, hi - lo, dtype=torch.float32, device=ctx.device)
-    progress = Progress(log, "sliding_eval", len(mine), "windows")
-    offsets = torch.arange(L, device=ctx.device)
-    for i in range(0, len(mine), args.eval_batch_seqs):
-        ws = torch.tensor(mine[i:i + args.eval_batch_seqs], device=ctx.device)
-        idx = ws[:, None] + offsets[None]
-        start = 0 if mine[i] == 0 else L - S
-        with torch.no_grad(), autocast(ctx.device):
-            logp, ent = stats_fn(padded[idx], padded[idx + 1], start)
-        pos = idx[:, start:]
-        keep = (pos < N) & ((pos - ws[:, None] >= L - S) | (ws[:, None] == 0))
-        out[0, pos[keep] - lo], out[1, pos[keep] - lo] = logp.float()[keep], ent.float()[keep]
-        progress.update(i + len(ws))
-    if ctx.world > 1:
-        bounds = [rank_span(starts, r, ctx.world, L, S, N)[1:] for r in range(ctx.world)]
-        width = max(b - a for a, b in bounds)
-        mine_buf = torch.zeros(2, width, device=ctx.device)
-        mine_buf[:, :out.size(1)] = out
-        buf = torch.zeros(ctx.world * 2 * width, device=ctx.device)
-        dist.all_gather_into_tensor(buf, mine_buf.flatten())
-        buf = buf.view(ctx.world, 2, width)
-        out = torch.cat([buf[r, :, :b - a] for r, (a, b) in enumerate(bounds)], dim=1)
-    return out[0].cpu(), out[1].cpu()
+    progress = Progress(log, "sliding_eval" + ("+ttt" if adapt else ""), len(starts), "windows")
+    offsets, parts = torch.arange(L, device=ctx.device), []
+    for c in range(0, len(starts), per):
+        chunk = starts[c:c + per]
+        mine, lo, hi = rank_span(chunk, ctx.rank, ctx.world, L, S, N)
+        out = torch.zeros(2, hi - lo, dtype=torch.float32, device=ctx.device)
+        for i in range(0, len(mine), args.eval_batch_seqs):
+            ws = torch.tensor(mine[i:i + args.eval_batch_seqs], device=ctx.device)
+            idx = ws[:, None] + offsets[None]
+            start = 0 if mine[i] == 0 else L - S
+            with torch.no_grad(), autocast(ctx.device):
+                logp, ent = stats_fn(padded[idx], padded[idx + 1], start)
+            pos = idx[:, start:]
+            keep = (pos < N) & ((pos - ws[:, None] >= L - S) | (ws[:, None] == 0))
+            out[0, pos[keep] - lo], out[1, pos[keep] - lo] = logp.float()[keep], ent.float()[keep]
+            progress.update(c + min(len(chunk), (i + len(ws)) * ctx.world))
+        if ctx.world > 1:
+            bounds = [rank_span(chunk, r, ctx.world, L, S, N)[1:] for r in range(ctx.world)]
+            width = max(b - a for a, b in bounds)
+            mine_buf = torch.zeros(2, width, device=ctx.device)
+            mine_buf[:, :out.size(1)] = out
+            buf = torch.zeros(ctx.world * 2 * width, device=ctx.device)
+            dist.all_gather_into_tensor(buf, mine_buf.flatten())
+            buf = buf.view(ctx.world, 2, width)
+            out = torch.cat([buf[r, :, :b - a] for r, (a, b) in enumerate(bounds)], dim=1)
+        parts.append(out)
+        if adapt and c + per < len(starts):
+            adapt(*rank_span(chunk, 0, 1, L, S, N)[1:])
+    return tuple(torch.cat(parts, dim=1).cpu())
+
+
+class TestTimeTrainer:
+    """Score-first TTT: a call (lo, hi) trains on targets already scored. Sequences of L = EVAL_SEQ_LEN tokens end
+    at hi, hi - L, ... until they cover [lo, hi) (the first may reach back into earlier scored tokens, never past hi);
+    TTT_EPOCHS passes in order, TTT_BATCH_SEQS a step, each rank taking its share; the gradients of the step's mean
+    CE are summed across ranks (same weights everywhere). Parameters whose names match TTT_PARAMS adapt, by SGD
+    (momentum 0.9) or AdamW (betas 0.9/0.999, no decay), gradient norm clipped at TTT_GRAD_CLIP."""
+
+    def __init__(self, model: GPT, tokens: Tensor, args: Hyperparameters, ctx):
+        self.args, self.ctx, self.seconds, self.steps, self.tokens = args, ctx, 0.0, 0, tokens.to(ctx.device, torch.int64)
+        named = [(n, p.requires_grad_(bool(re.search(args.ttt_params, n)))) for n, p in model.named_parameters()]
+        self.params = [p for _, p in named if p.requires_grad]
+        for p in self.params:  # dense zero grads: a rank without sequences in a step still all-reduces them
+            p.grad = torch.zeros_like(p)
+        self.opt = (torch.optim.SGD(self.params, lr=args.ttt_lr, momentum=0.9) if args.ttt_optimizer == "sgd"
+                    else torch.optim.AdamW(self.params, lr=args.ttt_lr, betas=(0.9, 0.999), weight_decay=0.0))
+        self.loss_fn = torch.compile(model) if args.compile else model
+
+    def __call__(self, lo: int, hi: int):
+        t0, a, T, world = time.perf_counter(), self.args, self.args.eval_seq_len, self.ctx.world
+        seqs = [max(hi - (k + 1) * T, 0) for k in reversed(range(math.ceil((hi - lo) / T)))]
+        for _ in range(a.ttt_epochs):
+            for b in range(0, len(seqs), a.ttt_batch_seqs):
+                step = seqs[b:b + a.ttt_batch_seqs]
+                mine = step[len(step) * self.ctx.rank // world:len(step) * (self.ctx.rank + 1) // world]
+                self.opt.zero_grad(set_to_none=False)
+                if mine:
+                    idx = torch.tensor(mine, device=self.ctx.device)[:, None] + torch.arange(T, device=self.ctx.device)
+                    with autocast(self.ctx.device):
+                        loss = self.loss_fn(self.tokens[idx], self.tokens[idx + 1])
+                    (loss * (len(mine) / len(step))).backward()
+                if world > 1:
+                    all_reduce_sum([p.grad for p in self.params])
+                torch.nn.utils.clip_grad_norm_(self.params, a.ttt_grad_clip or math.inf)  # inf: scale 1, a no-op
+                self.opt.step()
+                self.steps += 1
+        self.ctx.sync()
+        self.seconds += time.perf_counter() - t0
 
 
 def mix_stream(tokens: Tensor, logp: Tensor, ent: Tensor, nbytes: Tensor, args: Hyperparameters, device, log) -> Tensor:
@@ -1138,16 +1210,22 @@ def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts
     log(f"final_int6_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     t1 = time.perf_counter()
-    logp, ent = eval_sliding(stats_fn, val_tokens, args, ctx, log)
+    base = eval_sliding(stats_fn, val_tokens, args, ctx, log)[0] if args.ttt_enabled and args.ttt_baseline else None
+    t2, ttt = time.perf_counter(), TestTimeTrainer(model, val_tokens, args, ctx) if args.ttt_enabled else None
+    logp, ent = eval_sliding(stats_fn, val_tokens, args, ctx, log, ttt)
+    t3, t_ttt = time.perf_counter(), ttt.seconds if ttt else 0.0
     if ctx.rank == 0:
         nbytes = target_bytes(val_tokens[:-1].long(), val_tokens[1:].long(), luts).double()
-        total_bytes = nbytes.sum().item()
+        bpb = lambda nll: nll.sum().item() / math.log(2) / nbytes.sum().item()  # noqa: E731
         nll_neural = -logp.double()
-        log(f"final_int6_sliding_window_neural_exact val_loss:{nll_neural.mean().item():.8f} "
-            f"val_bpb:{nll_neural.sum().item() / math.log(2) / total_bytes:.8f}")
+        log(f"final_int6_sliding_window_neural_exact val_loss:{nll_neural.mean().item():.8f} val_bpb:{bpb(nll_neural):.8f}")
+        if base is not None:  # without TTT the network needs its own pass: only chunk 0 is scored by the same weights
+            log(f"sliding_window_neural_no_ttt val_bpb:{(b0 := bpb(-base.double())):.8f} ttt_gain_bpb:{bpb(nll_neural) - b0:+.8f}")
         nll = mix_stream(val_tokens, logp, ent, nbytes, args, ctx.device, log) if args.use_ngram_mixer else nll_neural
+        log(f"eval_time_split no_ttt_pass:{t2 - t1:.1f}s sliding:{t3 - t2 - t_ttt:.1f}s ttt_train:{t_ttt:.1f}s "
+            f"ttt_steps:{ttt.steps if ttt else 0} mixer:{time.perf_counter() - t3:.1f}s")
         log(f"final_int6_sliding_window_exact val_loss:{nll.mean().item():.8f} "
-            f"val_bpb:{nll.sum().item() / math.log(2) / total_bytes:.8f} eval_time:{1000 * (time.perf_counter() - t1):.0f}ms")
+            f"val_bpb:{bpb(nll):.8f} eval_time:{1000 * (time.perf_counter() - t1):.0f}ms")
         if args.eval_dump:
             buf = io.BytesIO()
             np.savez(buf, nll=nll.numpy(), nll_neural=nll_neural.numpy(), entropy=ent.numpy(), bytes=nbytes.numpy())
@@ -1223,6 +1301,7 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
             raise UserError("EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
         loaded = load_artifact(args.artifact)
         adopt_artifact_arch(args, loaded[0], args.artifact)
+        args.check_ttt()  # TTT_PARAMS against the artifact's arch
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     luts = build_byte_luts(sp, args.vocab_size)
     val_pattern = os.path.join(args.data_path, "fineweb_val_*.bin")

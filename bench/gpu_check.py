@@ -6,6 +6,8 @@ Phases, each in its own try block (a failure is recorded and the others still ru
   train   --steps timed training steps at 48x2048 per step, compiled + bf16 (bench_train.py)
   export  int6+LZMA artifact written, reloaded, sizes, and the loss of both models on one batch
   eval    sliding-window eval of the reloaded model on a slice: windows/s, full-eval estimate (bench_eval.py)
+  ttt     score-first test-time training (eval_sliding + TestTimeTrainer) on one rank's share of a few chunks:
+          scoring and training ms per chunk, the full evaluation on 8 GPUs it implies (bench_ttt.py)
   mixer   the eval's mixer pass (train_gpt.mix_stream) over a 62M-token synthetic Zipf stream, then the
           streaming score_from_net/update API on a time-capped prefix
           (score_from_net then update); stops at the time budget and extrapolates
@@ -38,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tools")]
 import train_gpt  # noqa: E402
 from bench_eval import RECORD_EVAL_S, TARGET_S, VAL_TOKENS, random_eval_model, time_sliding  # noqa: E402
+from bench_ttt import EVAL_BUDGET_S, time_ttt  # noqa: E402
 from bench_train import (RECORD_MS_PER_STEP, RECORD_TOKENS_PER_S_PER_GPU, make_args, sync,  # noqa: E402
                          time_training)
 from train_gpt import (LIMIT_BYTES, autocast, build_eval_model, build_model, code_bytes, count_params,  # noqa: E402
@@ -45,7 +48,7 @@ from train_gpt import (LIMIT_BYTES, autocast, build_eval_model, build_model, cod
 
 RECORD_PARAMS, RECORD_MTP_PARAMS, RECORD_MODEL_BYTES = 28_042_332, 1_048_576, 15_865_748
 SMOKE_ENV = {"TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "EVAL_BATCH_SEQS": "8",
-             "COMPILE": "0"}
+             "COMPILE": "0", "TTT_CHUNK_TOKENS": "256", "TTT_BATCH_SEQS": "2"}
 ROUNDTRIP_TOL = 0.05  # nats: int6 error on the loss of one batch
 
 
@@ -219,7 +222,7 @@ def fmt(res: dict, key: str, spec: str = "{:,.1f}") -> str:
 
 def summary(results: dict, mode: str) -> str:
     """The one-screen table: phase | measured | record / target."""
-    r = {k: results.get(k, {}) for k in ("env", "model", "train", "export", "eval", "mixer")}
+    r = {k: results.get(k, {}) for k in ("env", "model", "train", "export", "eval", "ttt", "mixer")}
     rows = [
         ("env", f"{r['env'].get('gpu') or r['env'].get('device')} | torch {r['env'].get('torch')} "
                 f"triton {r['env'].get('triton')} | {r['env'].get('attention')}, flash GQA {r['env'].get('sdpa_flash_gqa')}", r["env"].get("nvidia_smi", "")),
@@ -235,6 +238,9 @@ def summary(results: dict, mode: str) -> str:
                    f"record model {RECORD_MODEL_BYTES:,} B (trained; 50 steps compress differently)"),
         ("eval", f"{fmt(r['eval'], 'windows_per_s')} windows/s -> full val {fmt(r['eval'], 'full_eval_s')} s "
                  f"on {fmt(r['eval'], 'gpus', '{}')} GPUs", f"target {TARGET_S:.0f} s, record ~{RECORD_EVAL_S:.0f} s"),
+        ("ttt", f"one rank of {fmt(r['ttt'], 'gpus', '{}')}: score {fmt(r['ttt'], 'score_s_per_chunk', '{:.3f}')} s + train "
+                f"{fmt(r['ttt'], 'train_s_per_chunk', '{:.3f}')} s per {fmt(r['ttt'], 'chunk_tokens', '{:,}')}-token chunk "
+                f"-> {fmt(r['ttt'], 'full_ttt_eval_s')} s", f"full eval (+ mixer, + no-TTT pass) <= {EVAL_BUDGET_S:.0f} s"),
         ("mixer", f"eval pass (whole stream) {fmt(r['mixer'], 'stream_tokens', '{:,}')} tokens in "
                   f"{fmt(r['mixer'], 'whole_stream_s')} s, peak {fmt(r['mixer'], 'cuda_peak_gib')} GiB",
                   "target < 10 s for 62M tokens"),
@@ -258,7 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mixer-tokens", type=int, default=None, help=f"Zipf stream length ({VAL_TOKENS:,}; smoke 20,000)")
     ap.add_argument("--mixer-seconds", type=float, default=150.0, help="cap on the mixer's time")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole check; the mixer gets what is left")
-    ap.add_argument("--phases", default="env,model,train,export,eval,mixer",
+    ap.add_argument("--ttt-chunks", type=int, default=None, help="timed TTT chunks (6; smoke 3)")
+    ap.add_argument("--phases", default="env,model,train,export,eval,ttt,mixer",
                     help="comma list of the phases to run (default: all)")
     a = ap.parse_args(argv)
     smoke = a.cpu_smoke
@@ -276,7 +283,7 @@ def main(argv=None) -> int:
         return res
 
     phases = a.phases.split(",")
-    unknown = set(phases) - {"env", "model", "train", "export", "eval", "mixer"}
+    unknown = set(phases) - {"env", "model", "train", "export", "eval", "ttt", "mixer"}
     if unknown:
         ap.error(f"unknown phases: {', '.join(sorted(unknown))}")
     run = lambda name, fn: check.phase(name, fn) if name in phases else None   # noqa: E731
@@ -286,6 +293,8 @@ def main(argv=None) -> int:
     run("export", lambda: phase_export(args, device, state, seqs or 8))
     run("eval", lambda: time_sliding(state.get("eval_model") or random_eval_model(args, device), args, device,
                                      a.eval_windows or (4 if smoke else 16) * args.eval_batch_seqs, log=check.log))
+    run("ttt", lambda: time_ttt(state.get("eval_model") or random_eval_model(args, device), args, device,
+                                a.ttt_chunks or (3 if smoke else 6), 1 if smoke else 8, log=check.log))
     state.clear()
     gc.collect()
     if device.type == "cuda":

@@ -22,7 +22,7 @@ import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
 import mixer_claims  # noqa: E402
 
-PHASES = ["env", "model", "train", "export", "eval", "mixer"]
+PHASES = ["env", "model", "train", "export", "eval", "ttt", "mixer"]
 
 
 def clean_env(**extra) -> dict:
@@ -63,6 +63,13 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert v["windows"] == 32 and v["windows_per_s"] > 0
     assert v["val_windows"] == math.ceil((bench_eval.VAL_TOKENS - 1 - 128) / 32) + 1
     assert v["full_eval_s"] == pytest.approx(v["windows_per_rank"] / v["windows_per_s"])
+    tt = r["ttt"]
+    assert tt["chunks"] == 3 and tt["rank_chunk_tokens"] == tt["chunk_tokens"] == 256 and tt["steps"] == 3
+    # chunk 0 scores 256 + 128 - 32 targets = 3 seqs of 128 (2 steps of 2 seqs), chunk 1 2 seqs (1 step), chunk 2 none
+    assert tt["score_s_per_chunk"] > 0 and tt["train_s_per_chunk"] > 0
+    assert tt["full_chunks"] == math.ceil((bench_eval.VAL_TOKENS - 1) / 256)
+    assert tt["full_ttt_eval_s"] == pytest.approx(tt["full_chunks"] * tt["score_s_per_chunk"]
+                                                  + (tt["full_chunks"] - 1) * tt["train_s_per_chunk"])
     m = r["mixer"]
     assert m["complete"] and m["tokens_scored"] == m["stream_tokens"] - 1 == 19_999
     assert 0 < m["mean_nll"] < math.log(1024) and m["table_bytes"] > 0 and m["tokens_per_s"] > 0
@@ -155,3 +162,29 @@ def test_bench_mixer_tiny():
         assert len(upd) == 5 and all(l.endswith("mean nll -") for l in upd[:4]) and "speed ratio" in upd[-1]
         assert sum("score_stream" in l for l in out) == 3
     assert nlls[0] == nlls[1]                         # numba kernels and numpy code: the same numbers
+
+
+def test_bench_ttt_sweep_tiny(tmp_path, sample_paths, capsys):
+    """bench/bench_ttt.py sweep on a tiny artifact: the TTT-off run and one row per grid point, gains against it,
+    logs (and dumps) in --out; a second call reuses the logs."""
+    import bench_ttt
+    from conftest import make_dataset, run_cli, tiny_env_for
+    env = tiny_env_for(make_dataset(tmp_path / "data", sample_paths, val_tokens=3000), sample_paths)
+    assert run_cli(env, tmp_path, RUN_ID="a").returncode == 0
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        argv = ["sweep", "--artifact", str(tmp_path / "artifacts" / "a.ptz"), "--out", str(tmp_path / "out"), "--dump",
+                "--vary", "TTT_CHUNK_TOKENS=512,1024", "--vary", "TTT_LR=0.001"]
+        assert bench_ttt.main(argv) == 0
+        rows = capsys.readouterr().out.splitlines()
+        assert bench_ttt.main(argv) == 0 and capsys.readouterr().out.splitlines() == rows  # logs reused
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert rows[0].startswith("| TTT_CHUNK_TOKENS | TTT_LR | TTT steps |") and len(rows) == 5
+    cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows[2:]]
+    assert cells[0][0] == "off" and [c[:2] for c in cells[1:]] == [["512", "0.001"], ["1024", "0.001"]]
+    for c in cells[1:]:
+        assert float(c[4]) == pytest.approx(float(c[3]) - float(cells[0][3]), abs=1.5e-4) and int(c[2]) > 0
+    assert len(list((tmp_path / "out" / "dumps").glob("*.npz"))) == 3

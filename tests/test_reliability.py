@@ -90,6 +90,12 @@ def corrupt_kg(w):
     return {"KG_INIT": "1", "_SCRIPT": str(code / "train_gpt.py")}
 
 
+def ttt_params_vs_artifact(w):
+    """EVAL_ONLY with TTT_PARAMS naming block 3: the CPU preset (NUM_LAYERS unset) has 4 blocks, the artifact 2."""
+    w.env.pop("NUM_LAYERS")
+    return {"TTT_ENABLED": "1", "TTT_PARAMS": r"^blocks\.3\.", "EVAL_ONLY": "1", "ARTIFACT": str(w.base.artifact)}
+
+
 def out_of_vocab(path: Path, pos: int, value: int):
     """Put one token id >= VOCAB_SIZE (1024) into a shard at pos (a shard made with another tokenizer)."""
     tokens = train_gpt.load_data_shard(path).numpy().copy()
@@ -140,6 +146,14 @@ CASES = {
     "eval_dump_unwritable": (lambda w: (w.root / "afile").write_bytes(b"x") and {"EVAL_DUMP": str(w.root / "afile" / "d.npz")},
                              "EVAL_DUMP"),  # refused before training, not after the evaluation
     "eval_dump_is_dir": (lambda w: {"EVAL_DUMP": str(w.data)}, "EVAL_DUMP"),
+    "ttt_chunk_under_stride": (lambda w: {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "16"}, "TTT_CHUNK_TOKENS=16 is not a multiple of EVAL_STRIDE=32"),
+    "ttt_chunk_not_multiple": (lambda w: {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "100"}, "TTT_CHUNK_TOKENS=100"),
+    "ttt_negative_lr": (lambda w: {"TTT_ENABLED": "1", "TTT_LR": "-0.01"}, "TTT_LR=-0.01 must be >= 0"),
+    "ttt_zero_epochs": (lambda w: {"TTT_ENABLED": "1", "TTT_EPOCHS": "0"}, "TTT_EPOCHS=0 must be >= 1"),
+    "ttt_unknown_optimizer": (lambda w: {"TTT_ENABLED": "1", "TTT_OPTIMIZER": "lion"}, "TTT_OPTIMIZER=lion must be sgd or adamw"),
+    "ttt_params_match_nothing": (lambda w: {"TTT_ENABLED": "1", "TTT_PARAMS": "^nothing"}, "TTT_PARAMS='^nothing' matches no parameter"),
+    "ttt_params_not_a_regex": (lambda w: {"TTT_ENABLED": "1", "TTT_PARAMS": "blocks.("}, "not a regular expression"),
+    "ttt_params_vs_artifact_arch": (ttt_params_vs_artifact, r"TTT_PARAMS='^blocks\\.3\\.' matches no parameter"),
 }
 
 
