@@ -61,8 +61,7 @@ class HP(NamedTuple):
 
 # Checks: ">=1" (counts, sizes), ">=0", "[0,1]", "0/1" (switches), "a|b|c" (one of), "" (none, or the mixer's own).
 CHECKS = {">=1": (lambda v: v >= 1, "must be >= 1"), ">=0": (lambda v: v >= 0, "must be >= 0"),
-          "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"), "0/1": (lambda v: v in (0, 1), "must be 0 or 1"),
-          "sgd/adamw": (lambda v: v in ("sgd", "adamw"), "must be sgd or adamw")}
+          "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"), "0/1": (lambda v: v in (0, 1), "must be 0 or 1")}
 # The CPU preset is chosen when CUDA is absent: a small model that trains for a couple of minutes on the
 # sample dataset. Any env var wins.
 HPARAMS = [
@@ -135,7 +134,7 @@ HPARAMS = [
     HP("TTT_CHUNK_TOKENS", 65536, 4096, ">=1"),
     HP("TTT_EPOCHS", 3, 1, ">=1"),
     HP("TTT_LR", 0.0003, None, ">=0"),
-    HP("TTT_OPTIMIZER", "adamw", None, "sgd/adamw"),
+    HP("TTT_OPTIMIZER", "adamw", None, "sgd|adamw"),
     HP("TTT_BATCH_SEQS", 32, 4, ">=1"),
     HP("TTT_GRAD_CLIP", 1.0, None, ">=0"),
     HP("TTT_PARAMS", "."),

@@ -150,7 +150,7 @@ CASES = {
     "ttt_chunk_not_multiple": (lambda w: {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "100"}, "TTT_CHUNK_TOKENS=100"),
     "ttt_negative_lr": (lambda w: {"TTT_ENABLED": "1", "TTT_LR": "-0.01"}, "TTT_LR=-0.01 must be >= 0"),
     "ttt_zero_epochs": (lambda w: {"TTT_ENABLED": "1", "TTT_EPOCHS": "0"}, "TTT_EPOCHS=0 must be >= 1"),
-    "ttt_unknown_optimizer": (lambda w: {"TTT_ENABLED": "1", "TTT_OPTIMIZER": "lion"}, "TTT_OPTIMIZER=lion must be sgd or adamw"),
+    "ttt_unknown_optimizer": (lambda w: {"TTT_ENABLED": "1", "TTT_OPTIMIZER": "lion"}, "TTT_OPTIMIZER='lion' must be one of sgd, adamw"),
     "ttt_params_match_nothing": (lambda w: {"TTT_ENABLED": "1", "TTT_PARAMS": "^nothing"}, "TTT_PARAMS='^nothing' matches no parameter"),
     "ttt_params_not_a_regex": (lambda w: {"TTT_ENABLED": "1", "TTT_PARAMS": "blocks.("}, "not a regular expression"),
     "ttt_params_vs_artifact_arch": (ttt_params_vs_artifact, r"TTT_PARAMS='^blocks\\.3\\.' matches no parameter"),
