@@ -147,36 +147,38 @@ def _net_stats(logits: torch.Tensor, y: torch.Tensor | None = None, rows: int = 
 _LOSS_BITS, _LOSS_MAX = 28, 128.0         # 2**-28 nats; sums exact below 2**63 (2**27 tokens per bucket)
 
 
-def _fixed_loss(p: torch.Tensor) -> torch.Tensor:
-    """-log p in units of 2**-_LOSS_BITS nats, rounded, clamped to [0, _LOSS_MAX] nats (int64)."""
-    return (-torch.log(p)).clamp_(0.0, _LOSS_MAX).mul_(2.0 ** _LOSS_BITS).round_().long()
+def _fixed_losses(expert, at, K: int, M: int, device) -> torch.Tensor:
+    """[K+1, M] int64: -log at(expert(k)) (each expert's probability of each row's target) in units of
+    2**-_LOSS_BITS nats, rounded, clamped to [0, _LOSS_MAX] nats; the last row 1 (it counts targets)."""
+    out = torch.ones(K + 1, M, dtype=torch.int64, device=device)
+    for k in range(K):                           # one expert at a time: [M] temporaries only
+        out[k] = (-torch.log(at(expert(k)))).clamp_(0.0, _LOSS_MAX).mul_(2.0 ** _LOSS_BITS).round_()   # (exact)
+    return out
 
 
-def _group_prefix(v: torch.Tensor, key: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """base[key] + the sum of v over the earlier rows with the same key (v [M, J] int64, exact)."""
+def _group_prefix_(v: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """In place, per row of v [J, M] (int64, exact): v[:, m] becomes the sum of v[:, m'] over the earlier
+    m' < m with key[m'] == key[m]. Returns v."""
     M = key.numel()
     o = torch.argsort(key, stable=True)
     ks = key[o]
     start = torch.ones(M, dtype=torch.bool, device=key.device)
     start[1:] = ks[1:] != ks[:-1]
     first = torch.where(start, torch.arange(M, device=key.device), 0).cummax(0).values
-    pre = torch.empty_like(v)                    # in sorted order
-    for j in range(0, v.shape[1], 4):            # 4 columns at a time: bounded temporaries
-        vs = v[:, j:j + 4].index_select(0, o)
-        ex = vs.cumsum(0) - vs                   # exclusive prefix
-        pre[:, j:j + 4] = ex - ex.index_select(0, first)
-    return base.index_select(0, key).index_add_(0, o, pre)
+    for r in v:                                  # one expert at a time: [M] temporaries only
+        vs = r[o]
+        ex = vs.cumsum(0) - vs                   # exclusive prefix in sorted order
+        r.index_copy_(0, o, ex - ex[first])
+    return v
 
 
-def _weighted(E: torch.Tensor, L: torch.Tensor, eta: float) -> torch.Tensor:
-    """sum_k w_k E[..., k] with w_k proportional to exp(-eta L_k 2**-_LOSS_BITS): E [M, C, K], L [M, K].
-    One expert at a time (elementwise, so the same bits for any number of rows)."""
-    L0 = L.min(1, keepdim=True).values
-    num = den = None
-    for k in range(E.shape[-1]):
-        w = ((L[:, k:k + 1] - L0).double() * (-eta * 2.0 ** -_LOSS_BITS)).exp()
-        num = E[..., k] * w if num is None else num + E[..., k] * w
-        den = w if den is None else den + w
+def _weighted(expert, L: torch.Tensor, eta: float) -> torch.Tensor:
+    """sum_k w_k expert(k) [M, C] with w_k proportional to exp(-eta L_k 2**-_LOSS_BITS), L [K, M]. One
+    expert at a time (elementwise, so the same bits for any number of rows; [M, C] temporaries)."""
+    L0, num, den = L.min(0).values, 0.0, 0.0
+    for k in range(L.shape[0]):
+        w = (L[k] - L0).double().mul_(-eta * 2.0 ** -_LOSS_BITS).exp_()[:, None]
+        num, den = num + expert(k) * w, den + w
     return num / den
 
 
@@ -757,7 +759,7 @@ class BackoffNgramMixer(_MixerAPI):
         pending, self._pending = self._pending, None
         if pending is not None and 0 < pending[0].numel() <= n and torch.equal(tokens[n - pending[0].numel():],
                                                                                pending[0]):
-            self._sums.index_add_(0, pending[1], pending[2])
+            self._sums.index_add_(0, pending[1], pending[2].T)
         if not n:
             return
         seq = torch.cat([self.tail, tokens])
@@ -922,10 +924,10 @@ class BackoffNgramMixer(_MixerAPI):
             q, keep = qs[self.beta]
             if self.rule == "online":                       # the experts and their weights in torch, as _combine
                 col = lambda v: torch.from_numpy(v)[:, None]
-                E = self._experts(col(pnet), col(a), {b: (col(v), 1 - col(k)) for b, (v, k) in qs.items()})
+                expert = self._experts(col(pnet), col(a), {b: (col(v), 1 - col(k)) for b, (v, k) in qs.items()})
                 bucket = self._bucket(torch.from_numpy((ok * np.arange(1, K1 + 1)[:, None]).max(0)),
                                       entropy.double().reshape(-1))
-                p = self._learned(E, bucket, self._learner(B, T, torch.from_numpy(yn.reshape(-1))))
+                p = self._learned(expert, bucket, self._learner(B, T, torch.from_numpy(yn.reshape(-1))))
                 return (-torch.log(p)).reshape(B, T).to(torch.promote_types(logp_y.dtype, torch.float32))
             if self.rule == "dirichlet_evidence":
                 a = a * (1 - keep)
@@ -1022,19 +1024,19 @@ class BackoffNgramMixer(_MixerAPI):
 
     # --- rule online ------------------------------------------------------------------------
     def _experts(self, pnet, a, qs):
-        """[M, C, K]: p_net; (1 - g lambda_b) p_net + g lambda_b q_b for each beta b of online_betas and
-        each g > 0 of online_grid; (1 - alpha(H) lambda) p_net + alpha(H) lambda q at beta (the default
-        rule). qs: beta -> (q_max [M, C], lambda [M, 1])."""
-        cols = [pnet]
-        for b in self.betas:
-            q, lam = qs[b]
-            for g in self.grid[1:]:
-                w = g * lam
-                cols.append((1 - w) * pnet + w * q)
-        q, lam = qs[self.beta]
-        w = a * lam
-        cols.append((1 - w) * pnet + w * q)
-        return torch.stack(cols, -1)
+        """expert(k) -> [M, C], k < K: p_net; (1 - g lambda_b) p_net + g lambda_b q_b for each beta b of
+        online_betas and each g > 0 of online_grid; (1 - alpha(H) lambda) p_net + alpha(H) lambda q at
+        beta (the default rule). qs: beta -> (q_max [M, C], lambda [M, 1]). Made on demand, twice
+        (losses, then weights): K of them at [M, C] at once would be the largest arrays of the pass."""
+        G = len(self.grid) - 1
+
+        def expert(k):
+            if k == 0:
+                return pnet
+            q, lam = qs[self.betas[(k - 1) // G]] if k <= len(self.betas) * G else qs[self.beta]
+            w = lam * self.grid[1 + (k - 1) % G] if k <= len(self.betas) * G else a * lam
+            return (1 - w) * pnet + w * q
+        return expert
 
     def _bucket(self, n_star, H):
         """Bucket of a row: k (the longest context with counts, 0..max_order-1) * (entropy bins) + #edges < H."""
@@ -1047,23 +1049,27 @@ class BackoffNgramMixer(_MixerAPI):
             return None
         return torch.arange(B, device=self.device).repeat_interleave(T), tgt, self._sums.repeat(B, 1)
 
-    def _learned(self, E, bucket, learn):
-        """The mixture sum_k w_k E[..., k] [M, C] of the experts E [M, C, K], each row's weights from
-        its bucket's loss sums: learn = (batch row of each row, or None: one stream; each row's target,
-        or None: the candidates, C == 1; sums [rows * buckets, K+1] so far, the last column counting
-        tokens, updated in place). Scoring (C == 1, rows given) keeps its losses for update()."""
+    def _learned(self, expert, bucket, learn):
+        """The mixture sum_k w_k expert(k) [M, C] of the K experts, each row's weights from its bucket's
+        loss sums: learn = (batch row of each row, or None: one stream; each row's target, or None: the
+        candidates, C == 1; sums [rows * buckets, K+1] so far, the last column counting targets, updated
+        in place). Scoring (C == 1, rows given) keeps its losses for update()."""
         row, tgt, sums = learn
-        M, C, K = E.shape
+        M, K = bucket.numel(), self.n_experts
         if M + int(sums[:, -1].max()) >= 1 << 27:
             raise OverflowError("rule online: 2**27 targets in one bucket, the most its exact loss sums hold")
-        ey = E[:, 0] if C == 1 else E.gather(1, tgt.view(M, 1, 1).expand(M, 1, K))[:, 0]
-        ql = torch.cat([_fixed_loss(ey.contiguous()), torch.ones(M, 1, dtype=torch.int64, device=E.device)], 1)
-        key = bucket if row is None else row * self.n_buckets + bucket
-        L = _group_prefix(ql, key, sums)
-        sums.index_add_(0, key, ql)
-        if C == 1 and row is not None:
-            self._pending = (tgt, bucket, ql)
-        return _weighted(E, L[:, :K], self.eta)
+        at = lambda e: e[:, 0] if tgt is None or e.shape[1] == 1 else e.gather(1, tgt[:, None])[:, 0]
+        ql = _fixed_losses(expert, at, K, M, bucket.device)          # [K+1, M]
+        if row is None:                                  # one stream, from zero sums: L in ql's memory
+            sums.index_add_(0, bucket, ql.T)
+            L = _group_prefix_(ql, bucket)[:K]
+        else:
+            key = row * self.n_buckets + bucket
+            L = (_group_prefix_(ql.clone(), key) + sums.index_select(0, key).T)[:K]
+            sums.index_add_(0, key, ql.T)
+            if tgt is not None and expert(0).shape[1] == 1:
+                self._pending = (tgt, bucket, ql)
+        return _weighted(expert, L, self.eta)
 
     def learned(self, sums=None) -> str:
         """What rule online learned, one line: per bucket with targets ("k,h": longest context k, entropy
@@ -1135,6 +1141,7 @@ class BackoffNgramMixer(_MixerAPI):
             tc[:, j] = count(torch.div(pos - 1, chunk, rounding_mode="floor"))[1:] * (i >= j)
             if L < K:
                 cc[:, j] = count(torch.div(pos, chunk, rounding_mode="floor"))[:-1] * (i - 1 >= j)
+        del hi, lo, o_lo, o, ka, kb, sa, sb, new, gstart, older, fit    # the sorts' arrays: memory for the rule
         pnet = logp_y.to(self.device).double().exp().reshape(-1, 1)
         p1 = (tc[:, :1].double() + 1.0) / (h[:, None] + self.V)
         learn = self.rule == "online" and (None, None, torch.zeros_like(self._sums))

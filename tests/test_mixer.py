@@ -395,7 +395,7 @@ def test_table_exact_under_worst_case_collisions():
                                                       ("backoff", 1, 300, 1024, 10), ("dirichlet", 1, 64, 1024, 10),
                                                       ("dirichlet", 1, 128, 4096, 8),    # no dense bigrams
                                                       ("online", 1, 97, 24, 6), ("online", 2, 1000, 24, 6),
-                                                      ("online", 1, 1, 24, 6), ("online", 1, 200, 1024, 10),
+                                                      ("online", 1, 7, 24, 6), ("online", 1, 200, 1024, 10),
                                                       ("online", 1, 128, 4096, 8)])
 def test_whole_stream_path_is_bitwise_the_streaming_path(rule, min_count, chunk, V, K, table_code):
     N = 2500                                          # V = 1024, K = 10: keys use both words
