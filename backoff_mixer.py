@@ -165,10 +165,11 @@ def _group_prefix_(v: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     start = torch.ones(M, dtype=torch.bool, device=key.device)
     start[1:] = ks[1:] != ks[:-1]
     first = torch.where(start, torch.arange(M, device=key.device), 0).cummax(0).values
-    for r in v:                                  # one expert at a time: [M] temporaries only
-        vs = r[o]
-        ex = vs.cumsum(0) - vs                   # exclusive prefix in sorted order
-        r.index_copy_(0, o, ex - ex[first])
+    step = max(1, (1 << 22) // max(M, 1))        # rows at a time: temporaries of at most 2**22 entries
+    for j in range(0, v.shape[0], step):
+        vs = v[j:j + step].index_select(1, o)
+        ex = vs.cumsum(1).sub_(vs)               # exclusive prefix in sorted order
+        v[j:j + step].index_copy_(1, o, ex.sub_(ex.index_select(1, first)))
     return v
 
 
