@@ -44,13 +44,13 @@ rule="dirichlet_evidence": the same q_max, mixed in only as far as it rests on c
 rule="online" (the default): a Bayesian mixture of K experts, its weights learned from the targets
 already scored. With q_b, lambda_b the q_max and lambda above at concentration b, the experts are
     p_0 = p_net;  p_{g,b} = (1 - g lambda_b) p_net + g lambda_b q_b  for each b in online_betas and
-    each g > 0 in online_grid;  p_K = the dirichlet_evidence mixture (alpha(H), beta)
+    each g > 0 in online_grid;  p_{K-1} = the dirichlet_evidence mixture (alpha(H), beta)
 (K = 2 + (|grid| - 1) |betas|). Each row has a bucket known before its target:
     bucket = k (|online_edges| + 1) + #{e in online_edges: e < H},  k = the longest context (n - 1
     tokens) with c_n(ctx) >= min_count, 0 if none: max_order (|online_edges| + 1) buckets.
 The weights at row t are the posterior given the earlier targets of its bucket:
-    w_k(t) = exp(-eta L_k(t)) / sum_j exp(-eta L_j(t)),   L_k(t) = sum_{s before t, same bucket} -log p_k(y_s),
-    p(v) = sum_k w_k(t) p_k(v).
+    L_k(t) = sum_{s before t, same bucket} -log p_k(y_s),
+    w_k(t) = exp(-eta L_k(t)) / sum_j exp(-eta L_j(t)),   p(v) = sum_k w_k(t) p_k(v).
 "Before t": every target of the earlier chunks and, within its chunk, the earlier rows of the same
 batch row (a score_from_net call of B rows of T: the losses committed by earlier update() calls, plus
 rows (b, 0..t-1) at their targets y[b, :t]; the batch rows of one call are independent, as for the
@@ -61,12 +61,13 @@ score's targets (y row-major); tokens that were not scored add counts only. dist
 takes the rows' next inputs x[b, P+t+1] as the targets of the rows before (what score uses whenever the
 rows are windows of a stream). Losses are summed in fixed point: -log p_k(y) rounded to 2**-28 nats and
 clamped to [0, 128] nats, so every sum is exact in any order (the whole-stream path is bitwise the
-streaming one) and a bucket holds up to 2**27 targets.
+streaming one; a call of M targets raises OverflowError if M + the fullest bucket's targets
+reach 2**27, before any sum could pass 2**62).
 Bound (eta <= 1, one row per call as in the evaluation): in every bucket with n targets, whenever each
 expert's loss is below 128 nats (p_k(y) > e^-128),
     sum_t -log p(y_t) <= min_k sum_t -log p_k(y_t) + (log K) / eta + 2**-28 n,
 since -log sum_k w_k p_k <= -(1/eta) log sum_k w_k p_k^eta telescopes to -(1/eta) log (1/K) sum_k
-exp(-eta L_k(end)). p_0 is the network alone and p_K the dirichlet_evidence rule, so over the stream
+exp(-eta L_k(end)). p_0 is the network alone and p_{K-1} the dirichlet_evidence rule, so over the stream
 the mixture is worse than either by at most (buckets with targets) (log K) / eta + 2**-28 N nats.
 
 Each level is a convex combination of proper distributions, and alpha, lambda, w_k in [0, 1] depend
@@ -144,7 +145,8 @@ def _net_stats(logits: torch.Tensor, y: torch.Tensor | None = None, rows: int = 
 
 # Rule online's losses in fixed point: an integer sum is exact in any order, so the weights of a row
 # are the same bits whether its predecessors were summed in one pass or call by call.
-_LOSS_BITS, _LOSS_MAX = 28, 128.0         # 2**-28 nats; sums exact below 2**63 (2**27 tokens per bucket)
+_LOSS_BITS, _LOSS_MAX = 28, 128.0         # 2**-28 nats, at most 2**35 per target: with fewer than
+_MAX_TARGETS = 1 << 27                    # 2**27 targets in a bucket its sums stay below 2**62
 
 
 def _fixed_losses(expert, at, K: int, M: int, device) -> torch.Tensor:
@@ -1057,8 +1059,9 @@ class BackoffNgramMixer(_MixerAPI):
         in place). Scoring (C == 1, rows given) keeps its losses for update()."""
         row, tgt, sums = learn
         M, K = bucket.numel(), self.n_experts
-        if M + int(sums[:, -1].max()) >= 1 << 27:
-            raise OverflowError("rule online: 2**27 targets in one bucket, the most its exact loss sums hold")
+        if M + int(sums[:, -1].max()) >= _MAX_TARGETS:
+            raise OverflowError(f"rule online: {M} targets more than the {int(sums[:, -1].max())} of a bucket reach "
+                                f"{_MAX_TARGETS}, past what its exact loss sums hold: split the stream")
         at = lambda e: e[:, 0] if tgt is None or e.shape[1] == 1 else e.gather(1, tgt[:, None])[:, 0]
         ql = _fixed_losses(expert, at, K, M, bucket.device)          # [K+1, M]
         if row is None:                                  # one stream, from zero sums: L in ql's memory

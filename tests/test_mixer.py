@@ -652,3 +652,22 @@ def test_online_costs_little_where_the_network_is_the_truth():
                               .double().mean() - net)
     online, default = harm("online"), harm("dirichlet_evidence")      # measured: 0.0014, 0.021
     assert online <= 0.002 and default > 10 * online, (online, default)
+
+
+def test_online_refuses_streams_its_exact_sums_cannot_hold(monkeypatch):
+    """Past _MAX_TARGETS targets in a bucket the fixed-point loss sums could overflow: an OverflowError,
+    never a wrapped sum (shown with the limit lowered to 300)."""
+    import backoff_mixer
+    monkeypatch.setattr(backoff_mixer, "_MAX_TARGETS", 300)
+    s = torch.arange(8).repeat(50)                      # 400 tokens, nearly all in one bucket (context 2 seen)
+    lp, H = torch.full((399,), -2.0), torch.full((399,), 2.0)
+    kw = dict(vocab_size=16, max_order=3, rule="online")
+    with pytest.raises(OverflowError, match="split the stream"):
+        BackoffNgramMixer(**kw).score_stream(s, lp, H, 50)
+    assert BackoffNgramMixer(**kw).score_stream(s[:250], lp[:249], H[:249], 50).shape == (249,)
+    m = BackoffNgramMixer(**kw)
+    m.update(s[:1])
+    with pytest.raises(OverflowError, match="split the stream"):
+        for a in range(1, 400, 50):                   # committed targets pile up in the buckets
+            m.score_from_net(lp[None, a - 1:a + 49], H[None, a - 1:a + 49], s[None, a - 1:a + 49], s[None, a:a + 50])
+            m.update(s[a:a + 50])
