@@ -125,11 +125,15 @@ HPARAMS = [
     HP("USE_NGRAM_MIXER", 1, None, "0/1"),
     HP("NGRAM_ORDER", 10, None, "", "mixer:max_order"),
     HP("NGRAM_MIN_COUNT", 1, None, "", "mixer:min_count"),
-    HP("NGRAM_RULE", "dirichlet_evidence", None, "", "mixer:rule"),
+    HP("NGRAM_RULE", "online", None, "", "mixer:rule"),
     HP("NGRAM_BETA", 32.0, None, "", "mixer:beta"),
     HP("ALPHA_BASE", 0.20, None, "", "mixer:alpha_base"),
     HP("ALPHA_RANGE", 0.55, None, "", "mixer:alpha_range"),
     HP("ALPHA_CENTER", 3.0, None, "", "mixer:alpha_center"),
+    HP("NGRAM_ONLINE_GRID", "0,0.1,0.3,0.6,0.9", None, "", "mixer:online_grid"),  # rule online's experts: weights g on q
+    HP("NGRAM_ONLINE_BETAS", "2,8,32,128", None, "", "mixer:online_betas"),  # ... at these Dirichlet betas
+    HP("NGRAM_ONLINE_H_EDGES", "2,4", None, "", "mixer:online_edges"),  # its buckets: entropy bins x longest context
+    HP("NGRAM_ONLINE_ETA", 1.0, None, "", "mixer:online_eta"),
     HP("TTT_ENABLED", 1, None, "0/1"),
     HP("TTT_CHUNK_TOKENS", 65536, 4096, ">=1"),
     HP("TTT_EPOCHS", 3, 1, ">=1"),
@@ -1194,6 +1198,8 @@ def mix_stream(tokens: Tensor, logp: Tensor, ent: Tensor, nbytes: Tensor, args: 
     running = ",".join(f"{e}:{cum_nll[e - 1].item() / math.log(2) / max(cum_bytes[e - 1].item(), 1):.4f}"
                        for e in sorted({max(N * k // 20, 1) for k in range(1, 21)}))  # the score as counts accumulate
     log(f"mixer_pass tokens:{N} rule:{args.ngram_rule} time:{time.perf_counter() - t0:.1f}s running_bpb:{running}")
+    if args.ngram_rule == "online":
+        log(f"mixer_learned {mixer.learned()}")
     return nll
 
 

@@ -176,7 +176,7 @@ def phase_mixer(args, device, n_tokens: int, check: Check, cap_s: float) -> dict
     N, P, chunk = n_tokens - 1, args.ngram_order - 1, args.eval_batch_seqs * args.eval_stride
     gen = torch.Generator().manual_seed(0)
     logp, ent = -4 * torch.rand(N, generator=gen), 6 * torch.rand(N, generator=gen)
-    res = {"stream_tokens": n_tokens, "chunk": chunk, "zipf_gen_s": gen_s}
+    res = {"stream_tokens": n_tokens, "chunk": chunk, "zipf_gen_s": gen_s, "rule": args.ngram_rule}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -188,9 +188,7 @@ def phase_mixer(args, device, n_tokens: int, check: Check, cap_s: float) -> dict
         res.update(whole_stream_s=None, whole_stream_error="CUDA out of memory")
     if device.type == "cuda":
         res["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    mixer = BackoffNgramMixer(vocab_size=args.vocab_size, max_order=args.ngram_order, min_count=args.ngram_min_count,
-                              alpha_base=args.alpha_base, alpha_range=args.alpha_range, alpha_center=args.alpha_center,
-                              device=device, rule=args.ngram_rule, beta=args.ngram_beta)   # default table size
+    mixer = BackoffNgramMixer(vocab_size=args.vocab_size, device=device, **train_gpt.mixer_settings(args))   # default table size
     budget = max(min(cap_s, check.remaining() - 20), 10.0)
     stream_d, done, stopped, t0 = stream.to(device), 0, None, time.perf_counter()
     mixer.update(stream_d[:1])
@@ -241,7 +239,7 @@ def summary(results: dict, mode: str) -> str:
         ("ttt", f"one rank of {fmt(r['ttt'], 'gpus', '{}')}: score {fmt(r['ttt'], 'score_s_per_chunk', '{:.3f}')} s + train "
                 f"{fmt(r['ttt'], 'train_s_per_chunk', '{:.3f}')} s per {fmt(r['ttt'], 'chunk_tokens', '{:,}')}-token chunk "
                 f"-> {fmt(r['ttt'], 'full_ttt_eval_s')} s", f"full eval (+ mixer, + no-TTT pass) <= {EVAL_BUDGET_S:.0f} s"),
-        ("mixer", f"eval pass (whole stream) {fmt(r['mixer'], 'stream_tokens', '{:,}')} tokens in "
+        ("mixer", f"eval pass (whole stream, rule {r['mixer'].get('rule')}) {fmt(r['mixer'], 'stream_tokens', '{:,}')} tokens in "
                   f"{fmt(r['mixer'], 'whole_stream_s')} s, peak {fmt(r['mixer'], 'cuda_peak_gib')} GiB",
                   "target < 10 s for 62M tokens"),
         ("", f"streaming API {fmt(r['mixer'], 'tokens_scored', '{:,}')} tokens in {fmt(r['mixer'], 'seconds')} s, "

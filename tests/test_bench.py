@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_ENV
+import backoff_mixer
 import train_gpt
 
 BENCH = ROOT / "bench"
@@ -141,7 +142,7 @@ def test_mixer_claims_runs_on_a_dump(tmp_path, capsys):
     assert mixer_claims.main([str(tmp_path / "d.npz"), "--val", str(tmp_path / "fineweb_val_*.bin"), "--chunk", "512"]) == 0
     rows = {line[:62].strip(): float(line[62:71]) for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["network alone"] == pytest.approx(10 / 2)  # log2(1024) bits over 2 bytes per token
-    assert all(rows[f"exact {r}"] < rows["network alone"] for r in ("backoff", "dirichlet", "dirichlet_evidence"))
+    assert all(rows[f"exact {r}"] < rows["network alone"] for r in backoff_mixer.RULES)
 
 
 def test_bench_mixer_tiny():
@@ -154,13 +155,13 @@ def test_bench_mixer_tiny():
         out = p.stdout.splitlines()
         assert out[0].endswith("exact table code: numpy") == (bool(flags) or importlib.util.find_spec("numba") is None)
         lines = [l for l in out if l.startswith("[net")]
-        assert len(lines) == 5 and "speed ratio exact/hashed" in lines[-1] and "default table size" in lines[-1]
-        nll = {l.split("mean nll")[0][8:60].strip(): float(l.split("mean nll")[1]) for l in lines[:4]}
+        assert len(lines) == 6 and "speed ratio exact/hashed" in lines[-1] and "default table size" in lines[-1]
+        nll = {l.split("mean nll")[0][8:60].strip(): float(l.split("mean nll")[1]) for l in lines[:5]}
         assert nll["exact BackoffNgramMixer (default rule)"] == nll["exact, default rule, default table size"]
         nlls.append(nll)
         upd = [l for l in out if l.startswith("[update")]
-        assert len(upd) == 5 and all(l.endswith("mean nll -") for l in upd[:4]) and "speed ratio" in upd[-1]
-        assert sum("score_stream" in l for l in out) == 3
+        assert len(upd) == 6 and all(l.endswith("mean nll -") for l in upd[:5]) and "speed ratio" in upd[-1]
+        assert sum("score_stream" in l for l in out) == len(backoff_mixer.RULES)
     assert nlls[0] == nlls[1]                         # numba kernels and numpy code: the same numbers
 
 

@@ -389,9 +389,9 @@ def test_mixed_scores_equal_the_streaming_contract(trained):
     from backoff_mixer import BackoffNgramMixer
     p, dump = eval_only(trained, "mixcontract", USE_NGRAM_MIXER=1)
     hp = json.loads(p.stdout.split("hparams:", 1)[1].splitlines()[0])
-    m = BackoffNgramMixer(vocab_size=hp["VOCAB_SIZE"], max_order=hp["NGRAM_ORDER"], min_count=hp["NGRAM_MIN_COUNT"],
-                          alpha_base=hp["ALPHA_BASE"], alpha_range=hp["ALPHA_RANGE"], alpha_center=hp["ALPHA_CENTER"],
-                          rule=hp["NGRAM_RULE"], beta=hp["NGRAM_BETA"])
+    m = BackoffNgramMixer(vocab_size=hp["VOCAB_SIZE"], **{h.role[6:]: hp[h.name] for h in train_gpt.HPARAMS
+                                                           if h.role.startswith("mixer:")})
+    assert m.rule == "online" and m.n_experts == 18
     val = torch.from_numpy(train_gpt.load_data_shard(trained.data / "fineweb_val_000000.bin").numpy().astype(np.int64))
     logp, ent = torch.from_numpy(-dump["nll_neural"]), torch.from_numpy(dump["entropy"])
     chunk, N, out = hp["EVAL_BATCH_SEQS"] * hp["EVAL_STRIDE"], val.numel() - 1, []
@@ -417,4 +417,5 @@ def test_eval_mixer_holds_no_table(monkeypatch):
     nll = train_gpt.mix_stream(toks, torch.full((4999,), -3.0), torch.full((4999,), 3.0), torch.ones(4999), args,
                                "cpu", logs.append)
     assert nll.shape == (4999,) and torch.isfinite(nll).all() and not built
-    assert len(logs) == 1 and logs[0].startswith("mixer_pass tokens:4999 ")
+    assert len(logs) == 2 and logs[0].startswith("mixer_pass tokens:4999 rule:online ")
+    assert logs[1].startswith("mixer_learned experts:18 buckets(context,H bin of 2,4 nats)")   # what rule online learned

@@ -59,9 +59,9 @@ def fed(rule="backoff", V=32, order=5, n=3000, chunks=(257, 1000, 1743), seed=0,
     return m, s
 
 
-def brute_p_ng(hist, ctx_tokens, order, min_count, V, rule, beta):
-    """Independent reference: count by scanning the history (python lists). Returns the n-gram
-    distribution and the factor w on alpha (p = (1 - alpha w) p_net + alpha w p_ng)."""
+def brute_levels(hist, ctx_tokens, order, min_count, V):
+    """Independent reference: count by scanning the history (python lists). Returns p_1 and, per order
+    2..order, (c_n(ctx), [c_n(ctx, v)]) if the context fits and c_n(ctx) >= min_count, else None."""
     N = len(hist)
     uni = [hist.count(v) for v in range(V)]
     p1 = [(uni[v] + 1) / (N + V) for v in range(V)]
@@ -82,6 +82,12 @@ def brute_p_ng(hist, ctx_tokens, order, min_count, V, rule, beta):
                 levels.append((c, f))
                 continue
         levels.append(None)
+    return p1, levels
+
+
+def brute_p_ng(hist, ctx_tokens, order, min_count, V, rule, beta):
+    """The n-gram distribution and the factor w on alpha (p = (1 - alpha w) p_net + alpha w p_ng)."""
+    p1, levels = brute_levels(hist, ctx_tokens, order, min_count, V)
     if rule == "backoff":
         for lv in reversed(levels):
             if lv is not None:
@@ -93,6 +99,35 @@ def brute_p_ng(hist, ctx_tokens, order, min_count, V, rule, beta):
             q = [(lv[1][v] + beta * q[v]) / (lv[0] + beta) for v in range(V)]
             base *= beta / (lv[0] + beta)
     return q, (1.0 - base if rule == "dirichlet_evidence" else 1.0)
+
+
+def brute_experts(hist, ctx_tokens, order, min_count, V, pnet, H, beta, grid, betas):
+    """Rule online's experts at one position, from brute-force counts: [K][V] probabilities (p_net; each
+    g > 0 of the grid at each beta b: (1 - g lambda_b) p_net + g lambda_b q_b; the default rule at beta)
+    and the length of the longest context with counts (the bucket's first coordinate)."""
+    p1, levels = brute_levels(hist, ctx_tokens, order, min_count, V)
+    n_star = max([j + 1 for j, lv in enumerate(levels) if lv is not None], default=0)
+    ev = lambda b: brute_p_ng(hist, ctx_tokens, order, min_count, V, "dirichlet_evidence", b)
+    mixed = lambda a, q: [(1 - a) * pn + a * qv for pn, qv in zip(pnet, q)]
+    experts = [list(pnet)]
+    for b in betas:
+        q, lam = ev(b)
+        experts += [mixed(g * lam, q) for g in grid if g > 0]
+    q, lam = ev(beta)
+    return experts + [mixed(alpha(H) * lam, q)], n_star
+
+
+def bayes_mixture(P, buckets):
+    """Reference of the learned weights: P [N, K] expert probabilities of the targets, per bucket the
+    exact Bayes posterior (uniform prior) from the earlier targets of the bucket -> weights [N, K]."""
+    P = np.asarray(P, dtype=np.float64)
+    W, seen = np.empty_like(P), {}
+    for t, b in enumerate(buckets):
+        L = seen.get(b, np.zeros(P.shape[1]))
+        w = np.exp(-(L - L.min()))
+        W[t] = w / w.sum()
+        seen[b] = L - np.log(P[t])
+    return W
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +181,14 @@ def test_matches_brute_force_counts(rule):
     p = m.distribution(logits, q[None])[0]
     pnet = torch.softmax(logits[0].double(), -1)
     H = -(pnet * pnet.log()).sum(-1)
+    if rule == "online":                            # weights from the rows before, at their next inputs
+        E, b = zip(*[brute_experts(hist, q[:t + 1].tolist(), order, mc, V, pnet[t].tolist(), float(H[t]), 3.0,
+                                   m.grid, m.betas) for t in range(200)])
+        E = np.array(E)                               # [T, K, V]
+        b = [n * 3 + int(h > 2) + int(h > 4) for n, h in zip(b, H.tolist())]
+        W = bayes_mixture(E[np.arange(199), :, q[1:].numpy()], b[:199])
+        assert np.allclose(p[:199].numpy(), np.einsum("tk,tkv->tv", W, E[:199]), atol=1e-6)
+        return
     for t in list(range(0, 6)) + list(range(50, 72)) + [120, 199]:
         png, w = brute_p_ng(hist, q[:t + 1].tolist(), order, mc, V, rule, 3.0)
         a = alpha(float(H[t])) * w
@@ -247,6 +290,8 @@ def test_streaming_is_independent_of_chunking_and_scoring(rule, table_code):
         done = e + 1
     b.update(s[done:n])
     assert a.N == b.N == n and a.table.size == b.table.size
+    assert int(a._sums.abs().sum()) == 0 and int(b._sums[:, -1].sum()) == (n - 1 - P if rule == "online" else 0)
+    b._sums.zero_()                                  # (online: b learned from what it scored, a did not)
     x, y, logits = s[n:n + 900][None], s[n + 1:n + 901][None], torch.randn(1, 900, V)
     assert torch.equal(a.score(logits, x, y), b.score(logits, x, y))
     assert a.table.mask + 1 > 1 << 16                # the table grew (rebuild path exercised)
@@ -293,6 +338,12 @@ def test_validation_errors():
     (dict(rule="kneser"), "rule"), (dict(beta=0.0), "beta"), (dict(beta=float("inf")), "beta"),
     (dict(alpha_base=-0.1), "alpha_base"), (dict(alpha_base=0.6, alpha_range=0.6), "alpha_range"),
     (dict(alpha_center=float("nan")), "alpha_center"), (dict(vocab_size=1), "vocab_size"),
+    (dict(online_grid="0.1,0.5"), "online_grid"), (dict(online_grid="0,1.5"), "online_grid"),
+    (dict(online_grid="0,x"), "online_grid"), (dict(online_grid="0,0.5,0.5"), "online_grid"),
+    (dict(online_grid="0,nan"), "online_grid"), (dict(online_betas="8,0"), "online_betas"),
+    (dict(online_betas=""), "online_betas"), (dict(online_edges="4,2"), "online_edges"),
+    (dict(online_eta=0.0), "online_eta"), (dict(online_eta=1.5), "online_eta"),
+    (dict(online_eta=float("nan")), "online_eta"),
 ])
 def test_check_settings_names_the_setting(kw, setting):
     """check_settings (what the constructor runs, and what train_gpt calls at start-up) names the keyword;
@@ -303,6 +354,7 @@ def test_check_settings_names_the_setting(kw, setting):
         check_settings(**{"vocab_size": 1024, **kw})
     assert err.value.setting == setting and str(err.value).startswith(f"{setting}=")
     check_settings(vocab_size=1024, max_order=10, alpha_base=0.45, alpha_range=0.55)   # the edges are fine
+    check_settings(online_grid="0", online_betas=(1e-3,), online_edges="", online_eta=1e-9)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -341,7 +393,10 @@ def test_table_exact_under_worst_case_collisions():
                                                       ("dirichlet_evidence", 1, 200, 1024, 10),
                                                       ("backoff", 2, 1, 24, 6), ("dirichlet", 3, 1000, 24, 6),
                                                       ("backoff", 1, 300, 1024, 10), ("dirichlet", 1, 64, 1024, 10),
-                                                      ("dirichlet", 1, 128, 4096, 8)])   # no dense bigrams
+                                                      ("dirichlet", 1, 128, 4096, 8),    # no dense bigrams
+                                                      ("online", 1, 97, 24, 6), ("online", 2, 1000, 24, 6),
+                                                      ("online", 1, 7, 24, 6), ("online", 1, 200, 1024, 10),
+                                                      ("online", 1, 128, 4096, 8)])
 def test_whole_stream_path_is_bitwise_the_streaming_path(rule, min_count, chunk, V, K, table_code):
     N = 2500                                          # V = 1024, K = 10: keys use both words
     s = text_like(N, V, 13)
@@ -457,3 +512,162 @@ def test_audit_command_from_tools(capsys):
     hashed = [name for name in sums if name.startswith("hashed")]
     assert len(hashed) == 1 and sums[hashed[0]][1] > 10
     assert "INVALID" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- rule online
+def stream_nstar(s, chunk, order, min_count):
+    """Brute force: for each target i = 1..N-1 of a stream scored in chunks (history = the tokens before
+    its chunk's first target), the longest context s[i-k..i-1] (k <= order-1) whose occurrences in the
+    history, followed there by a token, number >= min_count (0 if none)."""
+    s, out, seen, h = s.tolist(), [], {}, 1
+    for i in range(1, len(s)):
+        while h < ((i - 1) // chunk) * chunk + 1:        # grow the history to this chunk's start
+            for k in range(1, order):                     # contexts ending at h-1, followed by s[h]
+                if h - k >= 0:
+                    seen[tuple(s[h - k:h])] = seen.get(tuple(s[h - k:h]), 0) + 1
+            h += 1
+        out.append(max([k for k in range(1, order) if i - k >= 0 and seen.get(tuple(s[i - k:i]), 0) >= min_count],
+                       default=0))
+    return out
+
+
+def expert_losses(m, s, logp_y, H, chunk):
+    """Each expert's NLL per target, computed by the fixed rules (not by rule online): p_net; each grid
+    weight g > 0 at each beta b as rule dirichlet_evidence with alpha(H) = g; the default rule."""
+    V, K = m.V, m.max_order
+    cols = [-logp_y.double()]
+    for b in m.betas:
+        for g in m.grid[1:]:
+            e = BackoffNgramMixer(vocab_size=V, max_order=K, min_count=m.min_count, rule="dirichlet_evidence",
+                                  beta=b, alpha_base=g, alpha_range=0.0)
+            cols.append(e.score_stream(s, logp_y, H, chunk).double())
+    d = BackoffNgramMixer(vocab_size=V, max_order=K, min_count=m.min_count, rule="dirichlet_evidence", beta=m.beta)
+    return torch.stack(cols + [d.score_stream(s, logp_y, H, chunk).double()], 1)
+
+
+def bound_streams():
+    """(name, tokens, log p_net(y), H): adversarial and random streams for the regret bound."""
+    V, N, g = 16, 3000, torch.Generator().manual_seed(5)
+    out = []
+    s = torch.randint(0, V, (N,), generator=g)                                   # random: n-grams useless
+    lp = torch.log_softmax(3 * torch.randn(N - 1, V, generator=g), -1)
+    out.append(("random", s, lp.gather(1, s[1:, None])[:, 0], -(lp.exp() * lp).sum(-1)))
+    s = torch.cat([text_like(N // 2, V, 1)[:200].repeat(8)[:N // 2], torch.randint(0, V, (N - N // 2,), generator=g)])
+    out.append(("copies then noise", s, torch.full((N - 1,), -math.log(V)), torch.full((N - 1,), math.log(V))))
+    lp = torch.where(torch.arange(N - 1) % 500 < 250, -0.01, -40.0)              # confident, right then wrong,
+    out.append(("switching network", s, lp, torch.where(lp > -1, 0.05, 0.05)))     # switching every 250 targets
+    lp = torch.where(torch.rand(N - 1, generator=g) < 0.1, -100.0, -0.5)            # rare huge losses (< 128 nats)
+    out.append(("huge losses", text_like(N, V, 2), lp, 6 * torch.rand(N - 1, generator=g)))
+    return out
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_online_regret_bound(case):
+    """Per bucket, rule online's total log-loss <= the best expert's in hindsight + log K (+ the fixed point's
+    2**-28 nats per target); so never worse than the network alone by more than (buckets) log K."""
+    name, s, logp_y, H = bound_streams()[case]
+    logp_y, H = logp_y.double(), H.double()            # (float64 scores: no float32 rounding in the sums)
+    chunk, order = 97, 4
+    m = BackoffNgramMixer(vocab_size=16, max_order=order, rule="online", online_edges="1,3")
+    nll = m.score_stream(s, logp_y, H, chunk).double()
+    L = expert_losses(m, s, logp_y, H, chunk)                                     # [N-1, K]
+    n_star = torch.tensor(stream_nstar(s, chunk, order, 1))
+    bucket = n_star * 3 + (H.double() > 1).long() + (H.double() > 3).long()
+    K, slack = L.shape[1], 2.0 ** -28 + 1e-9
+    assert K == m.n_experts == 2 + 4 * 4                # the default grid (5 weights) and betas (4)
+    worst = 0.0
+    for b in bucket.unique().tolist():
+        sel = bucket == b
+        regret = float(nll[sel].sum() - L[sel].sum(0).min())
+        assert regret <= math.log(K) + slack * int(sel.sum()), (name, b, regret)
+        worst = max(worst, regret)
+    assert float(nll.sum() - L[:, 0].sum()) <= len(bucket.unique()) * math.log(K) + slack * nll.numel()
+    assert torch.equal(torch.bincount(bucket, minlength=m.n_buckets), m.stream_sums[:, -1])   # the buckets agree
+    if name == "copies then noise":                   # the bound is not vacuous: the mixer used the n-grams
+        assert float(nll.sum()) < float(L[:, 0].sum()) - 500
+
+
+def test_online_weights_by_hand():
+    """V = 2, uniform network, stream 0 0 0 0, one target per chunk, orders 2 only, beta 1, grid {0, 1}, one
+    entropy bin: experts (net, q at lambda, the default rule). Target 1: no context seen, all equal 1/2.
+    Target 2 (first of bucket 'context seen'): c("0") = 1, c("0 0") = 1, p_1(0) = 3/4, q = (1 + 3/4)/2 = 7/8,
+    lambda = 1/2; uniform weights. Target 3: p_1(0) = 4/5, q = (2 + 4/5)/3 = 14/15, lambda = 2/3; weights
+    proportional to each expert's probability of target 2."""
+    a = alpha(math.log(2))
+    e2 = [1 / 2, (1 - 1 / 2) / 2 + 1 / 2 * 7 / 8, (1 - a / 2) / 2 + a / 2 * 7 / 8]
+    e3 = [1 / 2, (1 - 2 / 3) / 2 + 2 / 3 * 14 / 15, (1 - 2 * a / 3) / 2 + 2 * a / 3 * 14 / 15]
+    want = [-math.log(1 / 2), -math.log(sum(e2) / 3), -math.log(sum(x * y for x, y in zip(e2, e3)) / sum(e2))]
+    kw = dict(vocab_size=2, max_order=2, rule="online", beta=1.0, online_grid="0,1", online_betas="1", online_edges="")
+    s = torch.zeros(4, dtype=torch.long)
+    lp, H = torch.full((3,), -math.log(2)), torch.full((3,), math.log(2))
+    assert np.allclose(BackoffNgramMixer(**kw).score_stream(s, lp, H, 1).numpy(), want, atol=1e-7, rtol=0)
+    m = BackoffNgramMixer(**kw)                       # streaming: the same, losses committed at each update
+    m.update(s[:1])
+    got = []
+    for i in range(1, 4):
+        got.append(float(m.score(torch.zeros(1, 1, 2), s[None, i - 1:i], s[None, i:i + 1])))
+        m.update(s[i:i + 1])
+    assert np.allclose(got, want, atol=1e-6)
+    assert m._sums[:, -1].tolist() == [1, 2]          # tokens per bucket (no context / context seen)
+
+
+def test_online_commits_only_scored_tokens(table_code):
+    """update() adds the last score's losses to the learned sums only if its tokens end with the scored
+    targets; a second score replaces the first; tokens never scored add counts only."""
+    s = text_like(600, 32, 3)
+    logits = torch.randn(1, 100, 32)
+    m = BackoffNgramMixer(vocab_size=32, max_order=5, rule="online")
+    m.update(s[:300])
+    m.score(logits, s[None, 299:399], s[None, 300:400])
+    m.update(s[300:400] + 1 - 2 * (s[300:400] > 0))    # other tokens: nothing learned
+    assert int(m._sums.abs().sum()) == 0
+    m.score(logits, s[None, 399:499], s[None, 400:500])
+    m.score(logits, s[None, 99:199], s[None, 100:200])  # the last score is the one kept
+    m.update(s[400:500])
+    assert int(m._sums.abs().sum()) == 0
+    ref = BackoffNgramMixer(vocab_size=32, max_order=5, rule="online")
+    for part in (s[:300], s[300:400] + 1 - 2 * (s[300:400] > 0), s[400:500]):
+        ref.update(part)                              # the same tokens, never scored
+    before = ref.score(logits, s[None, 499:599], s[None, 500:600])
+    assert torch.equal(m.score(logits, s[None, 499:599], s[None, 500:600]), before)   # same counts, nothing learned
+    m.update(s[480:600])                              # ends with the scored targets: learned
+    assert int(m._sums[:, -1].sum()) == 100
+    assert not torch.equal(m.score(logits, s[None, 499:599], s[None, 500:600]), before)
+
+
+def test_online_costs_little_where_the_network_is_the_truth():
+    """Tokens drawn from a random bigram network's own distribution: any mixing costs in expectation. Rule
+    online's harm stays within its bound and far below the default rule's."""
+    V, N = 64, 20000
+    g = torch.Generator().manual_seed(3)
+    logp = torch.log_softmax(2.5 * torch.randn(V, V, generator=g), -1)
+    s = torch.zeros(N, dtype=torch.long)
+    u = torch.rand(N, generator=g, dtype=torch.float64)
+    cdf = logp.double().exp().cumsum(1)
+    for t in range(1, N):
+        s[t] = min(int(torch.searchsorted(cdf[s[t - 1]], u[t] * cdf[s[t - 1], -1])), V - 1)
+    lp, H = logp[s[:-1], s[1:]], -(logp.exp() * logp).sum(-1)[s[:-1]]
+    net = -lp.double().mean()
+    harm = lambda rule: float(BackoffNgramMixer(vocab_size=V, max_order=6, rule=rule).score_stream(s, lp, H, 1024)
+                              .double().mean() - net)
+    online, default = harm("online"), harm("dirichlet_evidence")      # measured: 0.0014, 0.021
+    assert online <= 0.002 and default > 10 * online, (online, default)
+
+
+def test_online_refuses_streams_its_exact_sums_cannot_hold(monkeypatch):
+    """Past _MAX_TARGETS targets in a bucket the fixed-point loss sums could overflow: an OverflowError,
+    never a wrapped sum (shown with the limit lowered to 300)."""
+    import backoff_mixer
+    monkeypatch.setattr(backoff_mixer, "_MAX_TARGETS", 300)
+    s = torch.arange(8).repeat(50)                      # 400 tokens, nearly all in one bucket (context 2 seen)
+    lp, H = torch.full((399,), -2.0), torch.full((399,), 2.0)
+    kw = dict(vocab_size=16, max_order=3, rule="online")
+    with pytest.raises(OverflowError, match="split the stream"):
+        BackoffNgramMixer(**kw).score_stream(s, lp, H, 50)
+    assert BackoffNgramMixer(**kw).score_stream(s[:250], lp[:249], H[:249], 50).shape == (249,)
+    m = BackoffNgramMixer(**kw)
+    m.update(s[:1])
+    with pytest.raises(OverflowError, match="split the stream"):
+        for a in range(1, 400, 50):                   # committed targets pile up in the buckets
+            m.score_from_net(lp[None, a - 1:a + 49], H[None, a - 1:a + 49], s[None, a - 1:a + 49], s[None, a:a + 50])
+            m.update(s[a:a + 50])

@@ -116,7 +116,7 @@ class HashedTargetOnlyMixer(_MixerAPI):
         self.N += tokens.numel()
         self.tail = seq[-(self.max_order - 1):]
 
-    def _mix(self, pnet, H, rev_x, t_in, cand):
+    def _mix(self, pnet, H, rev_x, t_in, cand, learn=None):
         p = (self.uni[cand].double() + 1.0) / (self.N + self.V)
         done = torch.zeros(cand.shape[0], dtype=torch.bool, device=self.device)
         for n in range(self.max_order, 1, -1):
@@ -165,6 +165,42 @@ class NgramProxy:
             np.add.at(num, (rows, self.tri[idx] % self.V), self.tri_c[idx])
             p = (num + 2.0 * p) / (c[:, None] + 2.0)
         return torch.from_numpy(np.log(p)).float()
+
+
+def truth_stream(net: NgramProxy, n: int, first: int = 0, seed: int = 0):
+    """A stream on which the proxy network is the true model: each next token drawn from the
+    proxy's own (float32, normalized) distribution given the tokens before it.
+    Returns (tokens [n+1] int64, log p_net(y) [n] float32, H [n] float32)."""
+    V, rng = net.V, np.random.default_rng(seed)
+    ev = np.zeros(n + 1, dtype=np.int64)
+    ev[0] = first
+    u = rng.random(n)
+    p2 = torch.log_softmax(torch.from_numpy(np.log(net.p2)).float(), -1).double().exp().numpy()
+    if net.order == 3:                                       # the trigram counts as rows per context
+        ptr = np.searchsorted(net.tri // V, net.ctx)
+        ptr = np.append(ptr, net.tri.size)
+    for t in range(n):
+        b = ev[t]
+        if net.order == 2 or t == 0:
+            p = p2[b]
+        else:
+            q = ev[t - 1] * V + b
+            i = min(np.searchsorted(net.ctx, q), net.ctx.size - 1)
+            p = 2.0 * net.p2[b]
+            c = 0
+            if net.ctx[i] == q:
+                lo, hi = ptr[i], ptr[i + 1]
+                np.add.at(p, net.tri[lo:hi] % V, net.tri_c[lo:hi])
+                c = net.ctx_c[i]
+            p = torch.log_softmax(torch.from_numpy(np.log(p / (c + 2.0))).float(), -1).double().exp().numpy()
+        cdf = np.cumsum(p)
+        ev[t + 1] = min(int(np.searchsorted(cdf, u[t] * cdf[-1])), V - 1)
+    lp, H = [], []
+    for s in range(0, n, 4096):
+        logp = torch.log_softmax(net.logits(ev, s, min(s + 4096, n)), -1)
+        lp.append(logp.gather(1, torch.from_numpy(ev[s + 1:min(s + 4096, n) + 1])[:, None]).squeeze(1))
+        H.append(-(logp.exp() * logp).sum(-1))
+    return ev, torch.cat(lp), torch.cat(H)
 
 
 def token_bytes(model_path: str, V: int):
