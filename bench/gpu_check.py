@@ -47,7 +47,7 @@ from train_gpt import (LIMIT_BYTES, artifact_parts, assemble, autocast, build_ev
 
 RECORD_PARAMS, RECORD_MTP_PARAMS, RECORD_MODEL_BYTES = 28_042_332, 1_048_576, 15_865_748
 SMOKE_ENV = {"TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "EVAL_BATCH_SEQS": "8",
-             "COMPILE": "0"}
+             "COMPILE": "0", "GPTQ_CALIB_TOKENS": "4096"}
 ROUNDTRIP_TOL = 0.05  # nats: int6 error on the loss of one batch
 
 
@@ -149,11 +149,10 @@ def phase_export(args, device, state: dict, seqs: int) -> dict:
     times["calibration_s"], t = time.perf_counter() - t, time.perf_counter()
     qstate = quantize_state(model, hessians, args.gptq_damp, args.gptq_block)
     times["gptq_quantize_s"], t = time.perf_counter() - t, time.perf_counter()
-    parts = artifact_parts(qstate, args)
+    six, rest = artifact_parts(qstate, args)
     times["compress_s"], t = time.perf_counter() - t, time.perf_counter()
-    blob = assemble(parts)
-    fitted, zeroed, _ = fit_int6({k: dict(v) for k, v in qstate.items()}, hessians, len(parts["int6"]),
-                                 int(len(parts["int6"]) * (1 - FIT_SHRINK)), args.fit_max_fraction)
+    blob = assemble(six, rest)
+    fitted, zeroed, _ = fit_int6(qstate, hessians, len(six), int(len(six) * (1 - FIT_SHRINK)), args.fit_max_fraction)
     times.update(fit_s=time.perf_counter() - t, fit_zeroed=zeroed if fitted else None)
     serialize_s = sum(v for k, v in times.items() if k in ("calibration_s", "gptq_quantize_s", "compress_s"))
     with tempfile.TemporaryDirectory() as tmp:
