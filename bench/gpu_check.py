@@ -152,7 +152,7 @@ def phase_export(args, device, state: dict, seqs: int) -> dict:
     six, rest = artifact_parts(qstate, args)
     times["compress_s"], t = time.perf_counter() - t, time.perf_counter()
     blob = assemble(six, rest)
-    fitted, zeroed, _ = fit_int6(qstate, hessians, len(six), int(len(six) * (1 - FIT_SHRINK)), args.fit_max_fraction)
+    fitted, zeroed, _ = fit_int6(qstate, hessians, int(len(six) * (1 - FIT_SHRINK)), args.fit_max_fraction)
     times.update(fit_s=time.perf_counter() - t, fit_zeroed=zeroed if fitted else None)
     serialize_s = sum(v for k, v in times.items() if k in ("calibration_s", "gptq_quantize_s", "compress_s"))
     with tempfile.TemporaryDirectory() as tmp:
