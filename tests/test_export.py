@@ -147,6 +147,23 @@ def test_grouped_layout_roundtrips_every_tensor_bitwise():
                 assert back[name][key].dtype == t.dtype and torch.equal(back[name][key], t), (name, key)
 
 
+def test_fit_zeroes_the_cheapest_ones_first_and_fits():
+    """fit_int6 zeroes a prefix of the ±1s ordered by s_row^2 * H_jj (computed here independently), as few as fit."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.clamp(torch.round(torch.randn(64, 96, generator=g) * 2), -31, 31).to(torch.int8)
+    scale, h = torch.rand(64, generator=g).half() + 0.1, torch.rand(96, generator=g).double() + 0.1
+    qstate = {"w": {"kind": "int6", "q": q, "scale": scale}, "f": {"kind": "float", "value": torch.ones(3)}}
+    size = len(brotli.compress(q.numpy().tobytes(), **tg.BROTLI))
+    stream, k, nbytes = tg.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.2)
+    assert stream is not None and nbytes == len(stream) <= size - 100 and 0 < k <= 0.2 * q.numel()
+    out = torch.frombuffer(bytearray(brotli.decompress(stream)), dtype=torch.int8).view_as(q)
+    zeroed = (q.abs() == 1) & (out == 0)
+    assert zeroed.sum() == k and torch.equal(out[~zeroed], q[~zeroed])
+    cost = (scale.float()[:, None] ** 2 * h.float()[None, :])
+    assert cost[zeroed].max() <= cost[(q.abs() == 1) & ~zeroed].min()  # the cheapest first
+    assert tg.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.001)[0] is None  # 0.1% cannot save 100 B
+
+
 # ----------------------------------------------------------------------------- CLI: fit to the cap
 @pytest.fixture(scope="module")
 def unfitted(tmp_path_factory, sample_paths):
