@@ -86,6 +86,21 @@ def test_gptq_with_identity_hessian_is_plain_rounding():
     assert torch.equal(q, q_clip) and torch.equal(scale, scale_clip)
 
 
+def test_gptq_keeps_per_row_the_scale_of_least_output_error():
+    """With H, each row's scale is the clip candidate whose GPTQ result has the least e H e^T (each candidate run alone)."""
+    W, X = correlated_layer(n=2000)
+    H = (X.T @ X).double()
+    q, s = tg.quantize_rows(W, 7, H, 0.01, 16)
+    runs = []
+    for qt in tg.CLIP_QUANTILES:
+        sc = scale_at(W, 7, qt)
+        e = W.double() - tg.gptq_rows(W, H, sc, 7, 16, 0.01).double() * sc.double()[:, None]
+        runs.append((sc, ((e @ H) * e).sum(1)))
+    best = torch.stack([r[1] for r in runs]).argmin(0)
+    assert torch.equal(s, torch.stack([r[0] for r in runs])[best, torch.arange(len(best))])
+    assert len(set(best.tolist())) > 1  # the choice differs between rows
+
+
 @pytest.mark.parametrize("qmax", [31, 7])
 def test_gptq_reduces_the_layer_output_error(qmax):
     """||X W^T - X Ŵ^T||^2 from X itself, on held-out rows of X (the Hessian saw the other rows only)."""
