@@ -18,10 +18,8 @@ import glob
 import hashlib
 import io
 import json
-import lzma
 import math
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -29,9 +27,11 @@ import sys
 import time
 import types
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import brotli
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -59,9 +59,10 @@ class HP(NamedTuple):
     role: str = ""
 
 
-# Checks: ">=1" (counts, sizes), ">=0", "[0,1]", "0/1" (switches), "a|b|c" (one of), "" (none, or the mixer's own).
+# Checks: ">=1" (counts, sizes), ">=0", ">0", "[0,1]", "0/1" (switches), "a|b|c" (one of), "" (none, or the mixer's own).
 CHECKS = {">=1": (lambda v: v >= 1, "must be >= 1"), ">=0": (lambda v: v >= 0, "must be >= 0"),
-          "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"), "0/1": (lambda v: v in (0, 1), "must be 0 or 1")}
+          ">0": (lambda v: v > 0, "must be > 0"), "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+          "0/1": (lambda v: v in (0, 1), "must be 0 or 1")}
 # The CPU preset is chosen when CUDA is absent: a small model that trains for a couple of minutes on the
 # sample dataset. Any env var wins.
 HPARAMS = [
@@ -119,6 +120,13 @@ HPARAMS = [
     HP("GRAD_CLIP_NORM", 0.3, None, ">=0"),
     HP("EMA_DECAY", 0.997, 0.98, "[0,1]"),
     # export and evaluation
+    HP("QUANT", "gptq", None, "gptq|clip"),
+    HP("GPTQ_CALIB_TOKENS", 262144, 65536, ">=1"),
+    HP("GPTQ_DAMP", 0.01, None, ">0"),
+    HP("GPTQ_BLOCK", 128, None, ">=1"),
+    HP("GPTQ_RESERVE_SECONDS", 10.0, None, ">=0"),
+    HP("TARGET_BYTES", 16_000_000, None, ">=1"),
+    HP("FIT_MAX_FRACTION", 0.02, None, "[0,1]"),
     HP("EVAL_SEQ_LEN", 2048, 256, ">=1"),
     HP("EVAL_STRIDE", 64, 128, ">=1"),
     HP("EVAL_BATCH_SEQS", 128, 32, ">=1"),
@@ -199,6 +207,10 @@ class Hyperparameters:
         for layer in layer_ids(self.ve_layers):
             if not 0 <= layer < self.num_layers:
                 raise UserError(f"VE_LAYERS={self.ve_layers!r} names layer {layer}, outside 0..{self.num_layers - 1}")
+        if self.quant == "gptq" and self.gptq_calib_tokens % (CALIB_SLICES * self.train_seq_len):
+            raise UserError(f"GPTQ_CALIB_TOKENS={self.gptq_calib_tokens} must be a multiple of {CALIB_SLICES} x TRAIN_SEQ_LEN")
+        if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
+            raise UserError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time; lower it")
         mixer_settings(self)
         self.check_ttt()
 
@@ -864,15 +876,15 @@ def make_stats_fn(model: GPT, args: Hyperparameters):
     return torch.compile(model.target_stats) if args.compile else model.target_stats
 
 
-def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float, cap_s: float) -> float:
     """1, then linear warmdown to 0 over the last WARMDOWN_ITERS steps: by step count against ITERATIONS,
-    and by wallclock (WARMDOWN_ITERS * mean step time before MAX_WALLCLOCK_SECONDS); the smaller wins."""
+    and by wallclock (WARMDOWN_ITERS * mean step time before the training cap cap_s, 0: none); the smaller wins."""
     if args.warmdown_iters <= 0:
         return 1.0
     mul = min(max((args.iterations - step) / args.warmdown_iters, 0.0), 1.0)
-    if args.max_wallclock_seconds > 0 and step > 0:
+    if cap_s > 0 and step > 0:
         warmdown_ms = args.warmdown_iters * elapsed_ms / step
-        remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+        remaining_ms = max(1000 * cap_s - elapsed_ms, 0.0)
         mul = min(mul, remaining_ms / max(warmdown_ms, 1e-9))
     return mul
 
@@ -898,8 +910,8 @@ def eval_val(stats_fn, tokens: Tensor, luts, seq_len: int, batch_tokens: int, ct
     return loss, (sums[0] / math.log(2) / sums[2]).item()
 
 
-def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log) -> int:
-    """The training loop. Returns the number of steps taken; leaves the EMA weights in `model`."""
+def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log) -> tuple[int, TokenStream]:
+    """The training loop: (steps taken, the training stream, whose next tokens calibrate GPTQ); leaves the EMA in `model`."""
     grad_accum = 8 // ctx.world
     train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
     compiled = torch.compile(model) if args.compile else model
@@ -937,7 +949,9 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
     ema = [p.detach().float().clone() for p in model.parameters()]
     params = list(model.parameters())
     train_ms, step, stop_after, last_loss = 0.0, 0, None, float("nan")
-    cap_ms = 1000 * args.max_wallclock_seconds
+    cap_s = args.max_wallclock_seconds - args.gptq_reserve_seconds * (args.quant == "gptq" and args.max_wallclock_seconds > 0)
+    if cap_s != args.max_wallclock_seconds:
+        log(f"gptq_reserve:{args.gptq_reserve_seconds}s training_cap:{cap_s}s (kept from MAX_WALLCLOCK_SECONDS for GPTQ)")
     progress = Progress(log, "train", args.iterations, "steps", every=60.0)
     ctx.sync()
     t0 = time.perf_counter()
@@ -955,7 +969,7 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         try:
-            last_loss = one_step(opt, loader, step, lr_multiplier(args, step, elapsed))
+            last_loss = one_step(opt, loader, step, lr_multiplier(args, step, elapsed, cap_s))
         except TrainingDiverged as e:
             raise TrainingDiverged(f"{e}; last good step {step} train_loss:{last_loss:.4f}") from None
         torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - args.ema_decay)
@@ -965,8 +979,8 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
             log(f"step:{step}/{args.iterations} train_loss:{last_loss:.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / step:.2f}ms")
         progress.update(step)
-        if cap_ms > 0 and stop_after is None:
-            hit = torch.tensor(float(elapsed >= cap_ms), device=ctx.device)
+        if cap_s > 0 and stop_after is None:
+            hit = torch.tensor(float(elapsed >= 1000 * cap_s), device=ctx.device)
             if ctx.world > 1:
                 dist.all_reduce(hit, op=dist.ReduceOp.MAX)
             if hit.item():
@@ -979,57 +993,91 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
         for p, e in zip(params, ema):
             p.copy_(e.to(p.dtype))
     log(f"ema:applied decay:{args.ema_decay}")
-    return step
+    return step, loader.stream
 
 
 # ----------------------------------------------------------------------------- export
-ARTIFACT_FORMAT = "pgolf-int6-lzma-v1"
+ARTIFACT_FORMAT, ARTIFACT_MAGIC = "pgolf-int6-v2", b"PGOLFv2\n"
 LIMIT_BYTES = 16_000_000
 INT6_SUFFIXES = (".attn.q.weight", ".attn.k.weight", ".attn.v.weight", ".attn.proj.weight",
                  ".mlp.up.weight", ".mlp.down.weight")
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 SMALL_TENSOR = 65_536
+CALIB_SLICES = 8  # world sizes 1, 2, 4 and 8 all own whole slices: the Hessians add up in one order at every size
+BROTLI = {"quality": 11, "lgwin": 24}  # the compressor: it beat LZMA-9 and zstd-22 on every part (docs/artifact.md)
 
 
-def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    """Per-row symmetric quantization q = clamp(round(w/s), -qmax, qmax), s = clip/qmax (fp16), with the
-    row's clip chosen among |w| quantiles CLIP_QUANTILES by least squared reconstruction error."""
-    w = w.float()
-    best_q, best_s, best_err = None, None, None
-    for qt in CLIP_QUANTILES:
-        clip = w.abs().amax(1) if qt == 1.0 else torch.quantile(w.abs(), qt, dim=1)
-        s = (clip / qmax).clamp_min(1e-10).half()
-        q = torch.clamp(torch.round(w / s.float()[:, None]), -qmax, qmax)
-        err = (q * s.float()[:, None] - w).square().sum(1)
-        if best_err is None:
-            best_q, best_s, best_err = q, s, err
-        else:
-            better = err < best_err
-            best_q = torch.where(better[:, None], q, best_q)
-            best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
-    return best_q.to(torch.int8), best_s
+def quantize_rows(w: Tensor, qmax: int, H: Tensor | None = None, damp: float = 0.01, block: int = 128) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric quantization q = clamp(round(w/s), -qmax, qmax), s = clip/qmax (fp16), with the row's clip
+    chosen among |w| quantiles CLIP_QUANTILES by least squared error; given the input Hessian H, every candidate
+    scale goes through GPTQ instead (rows are independent: one pass) and the least output error e H e^T wins."""
+    S = (torch.quantile(w.float().abs(), torch.tensor(CLIP_QUANTILES, device=w.device), dim=1) / qmax).clamp_min(1e-10).half()
+    Q = (torch.clamp(torch.round(w.float() / S.float()[..., None]), -qmax, qmax) if H is None else
+         gptq_rows(w.float().repeat(len(S), 1), H, S.flatten(), qmax, block, damp).view(*S.shape, -1))
+    E, rows = w.float() - Q * S.float()[..., None], torch.arange(w.size(0), device=w.device)
+    best = (E.square() if H is None else (E @ H.float()) * E).sum(-1).argmin(0)
+    return Q[best, rows].to(torch.int8), S[best, rows]
+
+
+def gptq_rows(w: Tensor, H: Tensor, s: Tensor, qmax: int, block: int, damp: float) -> Tensor:
+    """GPTQ at fixed per-row scales s, H damped by damp * mean(diag H): columns rounded in order of decreasing diag(H);
+    once column j is, the later columns absorb its error e_j = (w_j - s*q_j)/U_jj times row j of U, the upper Cholesky
+    factor of H^-1 (the least-squares update of the unrounded weights for the output error e H e^T), blockwise."""
+    order = torch.argsort(H.diag(), descending=True, stable=True)
+    H = H[order][:, order].double() + damp * H.diag().mean() * torch.eye(H.size(0), dtype=torch.float64, device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    W, s, Q = w.float()[:, order].clone(), s.float(), torch.empty(w.shape, device=w.device)
+    for a in range(0, W.size(1), block):
+        b, E = min(a + block, W.size(1)), torch.empty_like(W[:, a:a + block])
+        for j in range(a, b):
+            Q[:, j] = torch.clamp(torch.round(W[:, j] / s), -qmax, qmax)
+            E[:, j - a] = (W[:, j] - Q[:, j] * s) / U[j, j]
+            W[:, j:b] -= E[:, j - a, None] * U[j, j:b]
+        W[:, b:] -= E @ U[a:b, b:]
+    return Q[:, torch.argsort(order)]
 
 
 def dequantize_rows(q: Tensor, s: Tensor) -> Tensor:
     return q.float() * s.float()[:, None]
 
 
-def quantize_state(model: GPT) -> dict:
-    """MTP heads dropped; attention/MLP matrices int6 per row; other big matrices int8 per row; tensors of
-    <= SMALL_TENSOR elements kept float (fp16 for matrices, fp32 for control vectors and scalars)."""
+def collect_hessians(model: GPT, tokens: Tensor, seq_len: int, ctx) -> dict[str, Tensor]:
+    """H = X^T X (float64) of each int6 matrix's input X over `tokens`, cut into CALIB_SLICES slices
+    of whole sequences. Rank r runs its contiguous block of slices, one forward call each (a slice's sum is the same
+    at every world size); an all-reduce gathers them (one non-zero term per slot: exact); one fixed tree adds them."""
+    mods = {n + ".weight": m for n, m in model.named_modules()}
+    sums = {n: torch.zeros(CALIB_SLICES, m.in_features, m.in_features, dtype=torch.float64, device=ctx.device)
+            for n, m in mods.items() if n.endswith(INT6_SUFFIXES)}  # in module order: the same on every rank
+    slot = [0]  # the slice being run
+
+    def add(m: str, x: Tensor):  # returns None: a pre-hook's return value would replace the module's input
+        sums[m][slot[0]].addmm_(x.T, x)
+    hooks = [mods[m].register_forward_pre_hook(lambda _, inp, m=m: add(m, inp[0].flatten(0, -2).double())) for m in sums]
+    with torch.no_grad(), autocast(ctx.device):
+        for slot[0] in range(CALIB_SLICES * ctx.rank // ctx.world, CALIB_SLICES * (ctx.rank + 1) // ctx.world):
+            model.hidden(tokens.view(CALIB_SLICES, -1, seq_len)[slot[0]].to(ctx.device, torch.int64))
+    for h in hooks:
+        h.remove()
+    for m, h in sums.items():
+        if ctx.world > 1:
+            dist.all_reduce(h)
+        sums[m] = ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]))  # one order at every world size
+    return sums
+
+
+def quantize_state(model: GPT, hessians: dict | None = None, damp: float = 0.01, block: int = 128) -> dict:
+    """MTP heads dropped; attention/MLP matrices int6 per row (GPTQ given their inputs' Hessians, else the clip search),
+    other big matrices int8 per row, tensors of <= SMALL_TENSOR elements float (fp16 matrices, fp32 vectors)."""
     out = {}
     for name, t in model.state_dict().items():
         if name.startswith("mtp_heads."):
             continue
-        t = t.detach().cpu()
-        if name.endswith(INT6_SUFFIXES):
-            q, s = quantize_rows(t, 31)
-            out[name] = {"kind": "int6", "q": q, "scale": s}
-        elif t.ndim == 2 and t.numel() > SMALL_TENSOR:
-            q, s = quantize_rows(t, 127)
-            out[name] = {"kind": "int8", "q": q, "scale": s}
+        t, six = t.detach(), name.endswith(INT6_SUFFIXES)
+        if six or (t.ndim == 2 and t.numel() > SMALL_TENSOR):
+            q, s = quantize_rows(t, 31 if six else 127, hessians[name] if six and hessians else None, damp, block)
+            out[name] = {"kind": "int6" if six else "int8", "q": q.cpu(), "scale": s.cpu()}
         else:
-            out[name] = {"kind": "float", "value": t.half() if t.ndim == 2 else t.float()}
+            out[name] = {"kind": "float", "value": (t.half() if t.ndim == 2 else t.float()).cpu()}
     return out
 
 
@@ -1038,11 +1086,37 @@ def dequantize_state(qstate: dict) -> dict:
             for name, e in qstate.items()}
 
 
-def serialize_artifact(model: GPT, args: Hyperparameters) -> bytes:
-    buf = io.BytesIO()
-    meta = {"arch": args.arch(), "config_hash": args.config_hash()}
-    torch.save({"format": ARTIFACT_FORMAT, "meta": meta, "tensors": quantize_state(model)}, buf)
-    return lzma.compress(buf.getvalue(), preset=9)
+def artifact_parts(qstate: dict, args: Hyperparameters) -> tuple[bytes, bytes]:
+    """The artifact's two compressed streams: the int6 codes, tensor after tensor (the fit recompresses them alone), and
+    the rest: a JSON header (format, meta with the arch the evaluation builds, a [name, kind, dtype, shape] row per tensor),
+    a newline, then per tensor its int8 codes, per-row scales or float values, byte-shuffled (all first bytes, ...)."""
+    six, rest, table, shuffled = [], [], [], lambda t: t.flatten().view(torch.uint8).view(-1, t.itemsize).T.numpy().tobytes()
+    for name, e in qstate.items():
+        t = e["value"] if e["kind"] == "float" else e["q"]
+        table.append([name, e["kind"], str(t.dtype)[6:], list(t.shape)])
+        (six if e["kind"] == "int6" else rest).append(shuffled(t))
+        rest += [shuffled(e["scale"])] if "scale" in e else []
+    head = {"format": ARTIFACT_FORMAT, "meta": {"arch": args.arch(), "config_hash": args.config_hash()}, "tensors": table}
+    return tuple(brotli.compress(b"".join(part), **BROTLI) for part in (six, [json.dumps(head).encode(), b"\n", *rest]))
+
+
+def assemble(six: bytes, rest: bytes) -> bytes:
+    """The artifact file: ARTIFACT_MAGIC, the int6 stream's length (uint32 LE), the int6 stream, the rest."""
+    return ARTIFACT_MAGIC + len(six).to_bytes(4, "little") + six + rest
+
+
+def unpack(six: bytes, rest: bytes) -> tuple[dict, dict]:
+    """(meta, qstate) from the decompressed streams, each read in table order."""
+    head, body = rest.split(b"\n", 1)
+    head, streams, pos = json.loads(head), {"int6": six, "rest": body}, {"int6": 0, "rest": 0}
+
+    def take(stream: str, dtype: str, shape: list) -> Tensor:
+        dt, n = getattr(torch, dtype), math.prod(shape)
+        raw, pos[stream] = streams[stream][pos[stream]:pos[stream] + n * dt.itemsize], pos[stream] + n * dt.itemsize
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dt.itemsize, n).T.flatten().view(dt).reshape(shape)
+    return head["meta"], {name: {"kind": kind, "value": take("rest", dtype, shape)} if kind == "float" else
+                          {"kind": kind, "q": take("int6" if kind == "int6" else "rest", dtype, shape),
+                           "scale": take("rest", "float16", shape[:1])} for name, kind, dtype, shape in head["tensors"]}
 
 
 def load_artifact(path: str) -> tuple[dict, dict]:
@@ -1050,13 +1124,72 @@ def load_artifact(path: str) -> tuple[dict, dict]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"artifact {path} not found; set ARTIFACT to a .ptz written by a training run")
+    raw = p.read_bytes()
+    if raw[:6] == b"\xfd7zXZ\x00":  # how format v1 (torch.save + LZMA) began
+        raise UserError(f"artifact {path} is an LZMA file: the older format pgolf-int6-lzma-v1 (or corrupt), which this "
+                        f"code does not read; re-export it: train again with this train_gpt.py")
     try:
-        blob = torch.load(io.BytesIO(lzma.decompress(p.read_bytes())), map_location="cpu", weights_only=True)
-    except (lzma.LZMAError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, OSError) as e:
-        raise UserError(f"artifact {path} is truncated or corrupt ({type(e).__name__}); re-export it from a training run") from None
-    if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
-        raise UserError(f"artifact {path} is not a {ARTIFACT_FORMAT} artifact; re-export it with this train_gpt.py")
-    return blob["meta"], dequantize_state(blob["tensors"])
+        if raw[:8] != ARTIFACT_MAGIC:
+            raise ValueError("no magic")
+        n = 12 + int.from_bytes(raw[8:12], "little")
+        meta, qstate = unpack(brotli.decompress(raw[12:n]), brotli.decompress(raw[n:]))
+    except (brotli.error, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"artifact {path} is truncated or corrupt, or not a {ARTIFACT_FORMAT} artifact ({e}); "
+                        f"re-export it from a training run") from None
+    return meta, dequantize_state(qstate)
+
+
+def fit_int6(qstate: dict, hessians: dict | None, budget: int, max_fraction: float) -> tuple[bytes | None, int, int]:
+    """Zero the cheapest int6 ±1s (cost s_row^2 * H_jj: the output error added, to first order; 1 under clip): the fewest
+    k <= max_fraction of the int6 values whose stream compresses to <= budget, 3 rounds of 8 sizes compressed at once."""
+    codes = torch.cat([e["q"].flatten() for e in qstate.values() if e["kind"] == "int6"])
+    cost = torch.cat([(e["scale"].float()[:, None] ** 2 * (hessians[n].diag().float().cpu() if hessians else 1)).expand(
+        e["q"].shape).flatten() for n, e in qstate.items() if e["kind"] == "int6"])
+    cand = torch.nonzero(codes.abs() == 1).squeeze(1)
+    cand = cand[torch.argsort(cost[cand], stable=True)][:int(max_fraction * codes.numel())]
+    trial = lambda k: brotli.compress(codes.index_fill(0, cand[:k], 0).numpy().tobytes(), **BROTLI)  # noqa: E731
+    lo, hi, best = 0, len(cand), None  # k = lo is over budget; k = hi fits once best holds its stream
+    with ThreadPoolExecutor(8) as pool:  # brotli releases the GIL
+        for _ in range(3):
+            ks = sorted({lo + (hi - lo) * i // 8 for i in range(1, 9)} - ({lo, hi} if best else set()))
+            for k, blob in zip(ks, pool.map(trial, ks)):
+                if len(blob) <= budget:
+                    hi, best = k, blob
+                    break
+                lo = k
+            if best is None:  # even k = max_fraction is over
+                break
+    return best, hi, len(best or blob)
+
+
+def export(model: GPT, args: Hyperparameters, stream: TokenStream, ctx, log, run_id: str, n_code: int) -> tuple[str, str]:
+    """Quantize (GPTQ: Hessians of the training stream's next GPTQ_CALIB_TOKENS tokens), compress, fit the total (artifact
+    + code) under TARGET_BYTES, write. Returns the path and the over_cap line if even FIT_MAX_FRACTION cannot fit."""
+    t0, hessians, over, path = time.perf_counter(), None, "", f"artifacts/{run_id}.ptz"
+    if args.quant == "gptq":
+        hessians = collect_hessians(model, stream.take(args.gptq_calib_tokens), args.train_seq_len, ctx)
+    t1 = time.perf_counter()
+    if ctx.rank == 0:
+        qstate, t2 = quantize_state(model, hessians, args.gptq_damp, args.gptq_block), time.perf_counter()
+        (six, rest), t3 = artifact_parts(qstate, args), time.perf_counter()
+        total = len(assemble(six, rest)) + n_code
+        log(f"export quant:{args.quant} calibration:{args.gptq_calib_tokens if hessians else 0} tokens in {t1 - t0:.1f}s "
+            f"quantize:{t2 - t1:.1f}s brotli:{t3 - t2:.1f}s total:{total} bytes")
+        if total > args.target_bytes:
+            n6, excess = sum(e["q"].numel() for e in qstate.values() if e["kind"] == "int6"), total - args.target_bytes
+            fitted, k, at_k = fit_int6(qstate, hessians, len(six) - excess, args.fit_max_fraction)
+            if fitted:
+                log(f"fit_to_cap: total {total} -> {total - len(six) + at_k} bytes zeroed:{k}/{n6} int6 values ({k / n6:.4%})")
+                six = fitted
+            else:
+                path = f"artifacts/{run_id}.OVER_CAP.ptz"
+                log(over := f"over_cap: total {total} bytes exceeds TARGET_BYTES={args.target_bytes} by {excess} (by "
+                    f"{excess - len(six) + at_k} with FIT_MAX_FRACTION zeroed): NOT a valid submission, kept as {path}; "
+                    f"shrink MLP_MULT, BIGRAM_VOCAB_SIZE, NUM_LAYERS or MODEL_DIM")
+        blob = assemble(six, rest)
+        write_atomic(path, blob)
+        log(f"serialized_model_int6_lzma:{len(blob)} bytes path:{path} export_time:{time.perf_counter() - t0:.1f}s")
+    return ctx.broadcast((path, over))
 
 
 def adopt_artifact_arch(args: Hyperparameters, meta: dict, path: str):
@@ -1300,7 +1433,7 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     log(f"preset:{args.preset} device:{ctx.device.type} world_size:{ctx.world} backend:{ctx.backend} "
         f"attention:{attention} compile:{args.compile} gpu:{gpu}")
     sample = resolve_data(args, log)
-    loaded = None  # EVAL_ONLY: the artifact, read once
+    loaded, over = None, ""  # EVAL_ONLY: the artifact, read once
     if args.eval_only:  # the artifact's arch (VOCAB_SIZE included) before the token and tokenizer checks
         if not args.artifact:
             raise UserError("EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
@@ -1313,8 +1446,13 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     val_tokens = load_validation_tokens(val_pattern, args.vocab_size, max(args.eval_seq_len, args.train_seq_len) + 1)
     if args.eval_dump and ctx.rank == 0:
         check_writable(args.eval_dump, "EVAL_DUMP")
+    n_code, detail = code_bytes(args)
     if not args.eval_only:
-        list_shards(os.path.join(args.data_path, "fineweb_train_*.bin"))
+        calib = sum(map(read_shard_header, list_shards(pattern := os.path.join(args.data_path, "fineweb_train_*.bin"))))
+        if args.target_bytes <= n_code:
+            raise UserError(f"TARGET_BYTES={args.target_bytes} does not exceed the code alone ({n_code} bytes); raise it")
+        if args.quant == "gptq" and calib < args.gptq_calib_tokens:
+            raise UserError(f"GPTQ_CALIB_TOKENS={args.gptq_calib_tokens} exceeds the {calib} training tokens of {pattern}; lower it")
     log(f"dataset:{Path(args.data_path).name} sample:{int(sample)} data_path:{args.data_path} "
         f"tokenizer:{args.tokenizer_path} val_tokens:{val_tokens.numel()}")
     log(f"seed:{args.seed}")
@@ -1340,26 +1478,19 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
                 raise UserError(f"KG_INIT=1 cannot use kg_data.py: {e}") from None
             log(f"kg_init:1 strength:{args.kg_init_strength} tokens:{len(kg_data.token_importance())}")
         model.set_attention_backend(attention)
-        steps = train(args, model, val_tokens, luts, ctx, log)
+        steps, stream = train(args, model, val_tokens, luts, ctx, log)
         stats_fn = make_stats_fn(model, args)
         loss, bpb = eval_val(stats_fn, val_tokens, luts, args.train_seq_len, args.val_batch_size, ctx)
         log(f"post_ema val_loss:{loss:.4f} val_bpb:{bpb:.4f} steps:{steps}")
-        artifact = f"artifacts/{run_id}.ptz"
-        if ctx.rank == 0:
-            log("export: int6/int8 per-row quantization with clip search, then LZMA preset 9 (one pass, no ETA)")
-            t_export = time.perf_counter()
-            blob = serialize_artifact(model, args)
-            write_atomic(artifact, blob)
-            log(f"serialized_model_int6_lzma:{len(blob)} bytes path:{artifact} export_time:{time.perf_counter() - t_export:.1f}s")
-        ctx.sync()
+        artifact, over = export(model, args, stream, ctx, log, run_id, n_code)
     model_bytes = Path(artifact).stat().st_size if ctx.rank == 0 else 0
-    n_code, detail = code_bytes(args)
     log(f"code_bytes:{n_code} files:{detail}")
     log(f"Total submission size int6+lzma: {model_bytes + n_code} bytes")
     if ctx.rank == 0 and model_bytes + n_code > LIMIT_BYTES:
         log(f"WARNING: submission size {model_bytes + n_code} exceeds the {LIMIT_BYTES}-byte limit: NOT a valid submission")
     evaluate_artifact(artifact, args, val_tokens, luts, ctx, log, loaded)
-    log(f"run_complete total_time:{time.perf_counter() - t_start:.1f}s")
+    log(f"run_complete total_time:{time.perf_counter() - t_start:.1f}s" + (" NOT a valid submission (over_cap)" if over else ""))
+    return 4 if over else 0  # over the cap: not a valid submission
 
 
 def main() -> int:
@@ -1382,8 +1513,7 @@ def main() -> int:
     try:
         args = Hyperparameters()
         ctx = DistContext(args)
-        run(args, ctx, log_box)
-        return 0
+        return run(args, ctx, log_box)
     except UserError as e:
         return report(f"error: {e}", 2)
     except TrainingDiverged as e:

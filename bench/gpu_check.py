@@ -4,7 +4,8 @@ Phases, each in its own try block (a failure is recorded and the others still ru
   env     nvidia-smi line, torch / CUDA / triton versions, FlashAttention-3 importable or SDPA
   model   the record-size model's parameter counts (expected 28,042,332, of which 1,048,576 MTP)
   train   --steps timed training steps at 48x2048 per step, compiled + bf16 (bench_train.py)
-  export  int6+LZMA artifact written, reloaded, sizes, and the loss of both models on one batch
+  export  GPTQ calibration (Hessians), GPTQ quantization, compression and a forced fit-to-cap timed; the artifact
+          written, reloaded, sizes, and the loss of both models on one batch
   eval    sliding-window eval of the reloaded model on a slice: windows/s, full-eval estimate (bench_eval.py)
   ttt     score-first test-time training (eval_sliding + TestTimeTrainer) on one rank's share of a few chunks:
           scoring and training ms per chunk, the full evaluation on 8 GPUs it implies (bench_ttt.py)
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +45,12 @@ from bench_eval import RECORD_EVAL_S, TARGET_S, VAL_TOKENS, random_eval_model, t
 from bench_ttt import EVAL_BUDGET_S, time_ttt  # noqa: E402
 from bench_train import (RECORD_MS_PER_STEP, RECORD_TOKENS_PER_S_PER_GPU, make_args, sync,  # noqa: E402
                          time_training)
-from train_gpt import (LIMIT_BYTES, autocast, build_eval_model, build_model, code_bytes, count_params,  # noqa: E402
-                       load_artifact, serialize_artifact)
+from train_gpt import (LIMIT_BYTES, artifact_parts, assemble, autocast, build_eval_model, build_model,  # noqa: E402
+                       code_bytes, collect_hessians, count_params, fit_int6, load_artifact, quantize_state)
 
 RECORD_PARAMS, RECORD_MTP_PARAMS, RECORD_MODEL_BYTES = 28_042_332, 1_048_576, 15_865_748
 SMOKE_ENV = {"TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "EVAL_BATCH_SEQS": "8",
-             "COMPILE": "0", "TTT_CHUNK_TOKENS": "256", "TTT_BATCH_SEQS": "2"}
+             "COMPILE": "0", "TTT_CHUNK_TOKENS": "256", "TTT_BATCH_SEQS": "2", "GPTQ_CALIB_TOKENS": "4096"}
 ROUNDTRIP_TOL = 0.05  # nats: int6 error on the loss of one batch
 
 
@@ -134,12 +136,28 @@ def phase_model(args) -> dict:
     return res
 
 
+FIT_SHRINK = 0.003  # the share of the compressed int6 group the timed fit must remove
+
+
 def phase_export(args, device, state: dict, seqs: int) -> dict:
-    """Serialize, write, reload; compare the loss of the trained and the reloaded model on one batch."""
+    """The export's phases, timed: GPTQ calibration on GPTQ_CALIB_TOKENS random tokens (the training stream is
+    not needed for timing), quantization, compression, and a fit-to-cap forced to remove FIT_SHRINK of the int6
+    group's bytes; then write the unfitted artifact, reload it, compare the losses of both models on one batch."""
     model = state.get("model") or build_model(args).to(device)
-    t = time.perf_counter()
-    blob = serialize_artifact(model, args)
-    serialize_s = time.perf_counter() - t
+    ctx = types.SimpleNamespace(rank=0, world=1, device=device)
+    tokens = torch.randint(0, args.vocab_size, (args.gptq_calib_tokens,), generator=torch.Generator().manual_seed(0))
+    times, t = {}, time.perf_counter()
+    hessians = collect_hessians(model, tokens, args.train_seq_len, ctx)
+    sync(device)
+    times["calibration_s"], t = time.perf_counter() - t, time.perf_counter()
+    qstate = quantize_state(model, hessians, args.gptq_damp, args.gptq_block)
+    times["gptq_quantize_s"], t = time.perf_counter() - t, time.perf_counter()
+    six, rest = artifact_parts(qstate, args)
+    times["compress_s"], t = time.perf_counter() - t, time.perf_counter()
+    blob = assemble(six, rest)
+    fitted, zeroed, _ = fit_int6(qstate, hessians, int(len(six) * (1 - FIT_SHRINK)), args.fit_max_fraction)
+    times.update(fit_s=time.perf_counter() - t, fit_zeroed=zeroed if fitted else None)
+    serialize_s = sum(v for k, v in times.items() if k in ("calibration_s", "gptq_quantize_s", "compress_s"))
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "gpu_check.ptz")
         Path(path).write_bytes(blob)
@@ -159,7 +177,7 @@ def phase_export(args, device, state: dict, seqs: int) -> dict:
     state["eval_model"] = eval_model
     n_code, _ = code_bytes(args)
     return {"artifact_bytes": len(blob), "code_bytes": n_code, "total_bytes": len(blob) + n_code,
-            "under_limit": len(blob) + n_code <= LIMIT_BYTES, "serialize_s": serialize_s, "load_s": load_s,
+            "under_limit": len(blob) + n_code <= LIMIT_BYTES, "serialize_s": serialize_s, "load_s": load_s, **times,
             "loss_before": before, "loss_after": after, "loss_delta": after - before, "max_rel_weight_err": err,
             "roundtrip_ok": abs(after - before) < ROUNDTRIP_TOL}
 
@@ -234,6 +252,9 @@ def summary(results: dict, mode: str) -> str:
         ("export", f"artifact {fmt(r['export'], 'artifact_bytes', '{:,}')} B + code {fmt(r['export'], 'code_bytes', '{:,}')} B, "
                    f"round trip dloss {fmt(r['export'], 'loss_delta', '{:+.4f}')} ok={r['export'].get('roundtrip_ok')}",
                    f"record model {RECORD_MODEL_BYTES:,} B (trained; 50 steps compress differently)"),
+        ("", f"GPTQ calibration {fmt(r['export'], 'calibration_s')} s, quantize {fmt(r['export'], 'gptq_quantize_s')} s, "
+             f"compress {fmt(r['export'], 'compress_s')} s, fit -{FIT_SHRINK:.1%} {fmt(r['export'], 'fit_s')} s",
+             "calibration + quantize must fit GPTQ_RESERVE_SECONDS"),
         ("eval", f"{fmt(r['eval'], 'windows_per_s')} windows/s -> full val {fmt(r['eval'], 'full_eval_s')} s "
                  f"on {fmt(r['eval'], 'gpus', '{}')} GPUs", f"target {TARGET_S:.0f} s, record ~{RECORD_EVAL_S:.0f} s"),
         ("ttt", f"one rank of {fmt(r['ttt'], 'gpus', '{}')}: score {fmt(r['ttt'], 'score_s_per_chunk', '{:.3f}')} s + train "

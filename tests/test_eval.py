@@ -223,7 +223,7 @@ def test_roundtrip_loss_close_to_float_model(tmp_path):
         opt.step()
     model.eval()
     path = tmp_path / "m.ptz"
-    train_gpt.write_atomic(path, train_gpt.serialize_artifact(model, args))
+    train_gpt.write_atomic(path, train_gpt.assemble(*train_gpt.artifact_parts(train_gpt.quantize_state(model), args)))
     meta, state = train_gpt.load_artifact(str(path))
     assert meta["config_hash"] == args.config_hash()
     rt = train_gpt.build_eval_model(meta["arch"], state, str(path), torch.device("cpu")).eval()

@@ -18,6 +18,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import brotli
 import numpy as np
 import pytest
 import torch
@@ -60,13 +61,23 @@ def truncate(path: Path, drop: int):
 
 def other_meta_artifact(w):
     """The base artifact with its recorded arch edited (MODEL_DIM 64 -> 128): the tensors no longer fit."""
-    blob = torch.load(io.BytesIO(lzma.decompress(w.base.artifact.read_bytes())), weights_only=True)
-    blob["meta"]["arch"]["MODEL_DIM"] = 128
-    buf = io.BytesIO()
-    torch.save(blob, buf)
+    raw = w.base.artifact.read_bytes()
+    n = 12 + int.from_bytes(raw[8:12], "little")  # magic, int6 stream length, int6 stream, rest (header first)
+    head, body = brotli.decompress(raw[n:]).split(b"\n", 1)
+    head = json.loads(head)
+    head["meta"]["arch"]["MODEL_DIM"] = 128
     path = w.root / "other.ptz"
-    path.write_bytes(lzma.compress(buf.getvalue()))
+    path.write_bytes(raw[:n] + brotli.compress(json.dumps(head).encode() + b"\n" + body, **train_gpt.BROTLI))
     return {"EVAL_ONLY": "1", "ARTIFACT": str(path), "MODEL_DIM": "128"}  # matches the edited meta
+
+
+def old_format_artifact(w):
+    """An artifact as the code before format v2 wrote it: torch.save of {format, meta, tensors}, then LZMA."""
+    buf = io.BytesIO()
+    torch.save({"format": "pgolf-int6-lzma-v1", "meta": {}, "tensors": {}}, buf)
+    path = w.root / "v1.ptz"
+    path.write_bytes(lzma.compress(buf.getvalue()))
+    return {"EVAL_ONLY": "1", "ARTIFACT": str(path)}
 
 
 def vocab512_artifact(w):
@@ -74,7 +85,7 @@ def vocab512_artifact(w):
     env = {k: v for k, v in w.env.items() if k in {h.name for h in train_gpt.HPARAMS}}
     args = train_gpt.Hyperparameters(dict(env, VOCAB_SIZE="512"), preset="cpu")
     path = w.root / "v512.ptz"
-    path.write_bytes(train_gpt.serialize_artifact(train_gpt.build_model(args), args))
+    path.write_bytes(train_gpt.assemble(*train_gpt.artifact_parts(train_gpt.quantize_state(train_gpt.build_model(args)), args)))
     return {"EVAL_ONLY": "1", "ARTIFACT": str(path)}
 
 
@@ -146,6 +157,15 @@ CASES = {
                                   "different config"),
     "artifact_other_config_tensors": (other_meta_artifact, "does not fit"),
     "artifact_vocab_vs_tokenizer": (vocab512_artifact, "VOCAB_SIZE=512"),
+    "artifact_old_format": (old_format_artifact, "older format pgolf-int6-lzma-v1"),
+    "quant_unknown": (lambda w: {"QUANT": "int4"}, "QUANT=int4 must be gptq or clip"),
+    "gptq_calib_not_whole_slices": (lambda w: {"GPTQ_CALIB_TOKENS": "1000"}, "GPTQ_CALIB_TOKENS=1000 must be a multiple"),
+    "gptq_calib_over_train_tokens": (lambda w: {"GPTQ_CALIB_TOKENS": "40960"}, "exceeds the 40000 training tokens"),
+    "gptq_damp_zero": (lambda w: {"GPTQ_DAMP": "0"}, "GPTQ_DAMP=0.0 must be > 0"),
+    "gptq_reserve_over_wallclock": (lambda w: {"MAX_WALLCLOCK_SECONDS": "5", "GPTQ_RESERVE_SECONDS": "5"},
+                                    "leaves no training time"),
+    "target_bytes_not_a_number": (lambda w: {"TARGET_BYTES": "16MB"}, "TARGET_BYTES='16MB'"),
+    "target_bytes_below_code": (lambda w: {"TARGET_BYTES": "50000"}, "TARGET_BYTES=50000 does not exceed the code"),
     "kg_payload_corrupt": (corrupt_kg, "kg_data"),
     "eval_dump_unwritable": (lambda w: (w.root / "afile").write_bytes(b"x") and {"EVAL_DUMP": str(w.root / "afile" / "d.npz")},
                              "EVAL_DUMP"),  # refused before training, not after the evaluation

@@ -153,6 +153,18 @@ def test_oversize_refused(tmp_path):
     assert f"{big}: artifact is 16,043,009 bytes, over the 16,000,000 limit" in proc.stderr
 
 
+def test_over_cap_line_refused(tmp_path):
+    """A run whose export could not fit TARGET_BYTES says so (train_gpt's over_cap line), even under 16,000,000."""
+    line = ("over_cap: total 15943009 bytes exceeds TARGET_BYTES=15900000 by 43009 (by 1200 with FIT_MAX_FRACTION=0.02 "
+            "of the int6 values zeroed): NOT a valid submission; kept unfitted as artifacts/x.OVER_CAP.ptz; shrink MLP_MULT\n")
+    over = variant(tmp_path, GPU_LOGS[0], "over.txt", ("Total submission size", line + "Total submission size"))
+    proc, sub = make_json(tmp_path, over, extra=["--non-record"])
+    assert proc.returncode == 1 and sub is None
+    assert f"{over}: the run says it is over the cap, not a valid submission (over_cap: total 15943009 bytes" in proc.stderr
+    proc, sub = make_json(tmp_path, GPU_LOGS[0], extra=["--non-record"])  # the same log without the line passes
+    assert proc.returncode == 0 and sub is not None
+
+
 def test_inconsistent_size_refused(tmp_path):
     bad = variant(tmp_path, GPU_LOGS[0], "bad.txt",
                   ("int6+lzma: 15943009 bytes", "int6+lzma: 15900000 bytes"))

@@ -76,6 +76,7 @@ class RunLog:
     sliding_bpb: float | None = None
     sliding_eval_ms: float | None = None
     total_time_s: float | None = None
+    over_cap: str | None = None  # the run's own over_cap line: its artifact does not fit TARGET_BYTES
 
     def get(self, key):
         """A metadata value (int for numeric keys); None when absent or malformed."""
@@ -162,6 +163,8 @@ def _apply_line(run: RunLog, first: str, tag: str, kv: dict) -> None:
         run.train_time_ms = number(kv["train_time"])
     elif first == "serialized_model_int6_lzma":
         run.model_bytes = int(number(kv["serialized_model_int6_lzma"]))
+    elif first == "over_cap":
+        run.over_cap = kv["over_cap"]
     elif first == "code_bytes":
         run.code_bytes = int(number(kv["code_bytes"]))
         files = [item.split("=") for item in kv.get("files", "").split(",") if item]
@@ -202,6 +205,8 @@ def run_problems(run: RunLog, non_record: bool) -> list[str]:
               "neural sliding": run.neural_bpb}
     problems += [f"{label} val_bpb is {value}" for label, value in scores.items()
                  if value is not None and not math.isfinite(value)]
+    if run.over_cap is not None:
+        problems.append(f"the run says it is over the cap, not a valid submission (over_cap: {run.over_cap[:80]}...)")
     if run.total_bytes > SIZE_LIMIT:
         problems.append(f"artifact is {run.total_bytes:,} bytes, over the {SIZE_LIMIT:,} limit")
     if run.total_bytes != run.model_bytes + run.code_bytes:

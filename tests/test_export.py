@@ -1,0 +1,285 @@
+"""Export (issue 15): GPTQ against independent expectations, the grouped artifact layout, fit-to-cap, and the
+same artifact from 1 and 2 ranks.
+
+Expectations: the layer's output error computed from X directly (not through H), GPTQ written as what it is
+meant to compute (each column rounded after the later columns were re-fitted by least squares to the errors
+of the earlier ones, solved from scratch at every column), bitwise tensor equality, and file sizes on disk."""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import sys
+import types
+
+import brotli
+import pytest
+import torch
+
+from conftest import ROOT, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
+import train_gpt as tg
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def correlated_layer(rows=48, cols=64, n=4000, seed=0):
+    """(W, X): weights with a few outliers, inputs whose columns are strongly correlated and unevenly scaled."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, cols // 4, generator=g) @ torch.randn(cols // 4, cols, generator=g)
+    X = X + 0.3 * torch.randn(n, cols, generator=g)
+    X = X * torch.linspace(0.2, 3.0, cols)
+    W = torch.randn(rows, cols, generator=g) / math.sqrt(cols)
+    W[::5, :3] *= 8
+    return W, X
+
+
+def scale_at(w, qmax, quantile):
+    """The per-row scale of one clip candidate: the row's |w| quantile / qmax, in fp16."""
+    return (torch.quantile(w.abs(), quantile, dim=1) / qmax).half()
+
+
+def sequential_least_squares(w, H, s, qmax):
+    """GPTQ's target, brute force: columns in order of decreasing diag(H); before rounding column j, the columns
+    j.. are re-fitted to minimize (w - ŵ) H (w - ŵ)^T given the rounded columns before j (a fresh solve)."""
+    order = torch.argsort(H.diag(), descending=True, stable=True)
+    Hp, wp, sf = H[order][:, order].double(), w.double()[:, order], s.double()[:, None]
+    Q = torch.zeros_like(wp)
+    for j in range(wp.size(1)):
+        ef = wp[:, :j] - Q[:, :j] * sf  # errors of the rounded columns
+        rest = wp[:, j:] + torch.linalg.solve(Hp[j:, j:], Hp[j:, :j] @ ef.T).T if j else wp
+        Q[:, j] = torch.clamp(torch.round(rest[:, 0] / sf[:, 0]), -qmax, qmax)
+    return Q[:, torch.argsort(order)]
+
+
+@pytest.mark.parametrize("block", [1, 5, 128])
+def test_gptq_equals_sequential_least_squares(block):
+    W, X = correlated_layer(rows=12, cols=16, n=300)
+    H = (X.T @ X).double()
+    s = scale_at(W, 7, 0.9999)
+    q = tg.gptq_rows(W, H, s, 7, block, 0.0)
+    ref = sequential_least_squares(W, H, s, 7)
+    assert torch.equal(q, ref.float())
+    assert not torch.equal(q, torch.clamp(torch.round(W / s.float()[:, None]), -7, 7))  # the propagation mattered
+
+
+def test_gptq_two_columns_by_hand():
+    """2 columns, H = [[4, 2], [2, 2]] (diag 4 first): column 0 rounds 0.3 -> 0 (s = 1), error 0.3; the optimal
+    continuous update of column 1 is w1 + e0 * H10/H11 = 0.4 + 0.3 = 0.7, which rounds to 1 (plain rounding: 0)."""
+    H = torch.tensor([[4.0, 2.0], [2.0, 2.0]], dtype=torch.float64)
+    q = tg.gptq_rows(torch.tensor([[0.3, 0.4]]), H, torch.tensor([1.0]), 7, 128, 0.0)
+    assert q.tolist() == [[0.0, 1.0]]
+
+
+def test_gptq_with_identity_hessian_is_plain_rounding():
+    W, _ = correlated_layer()
+    eye = torch.eye(W.size(1), dtype=torch.float64)
+    s = scale_at(W, 31, 0.9995)
+    assert torch.equal(tg.gptq_rows(W, eye, s, 31, 16, 0.01), torch.clamp(torch.round(W / s.float()[:, None]), -31, 31))
+    q, scale = tg.quantize_rows(W, 31, eye, 0.01, 16)  # the clip choice in the loop reduces to the clip search
+    q_clip, scale_clip = tg.quantize_rows(W, 31)
+    assert torch.equal(q, q_clip) and torch.equal(scale, scale_clip)
+
+
+def test_gptq_keeps_per_row_the_scale_of_least_output_error():
+    """With H, each row's scale is the clip candidate whose GPTQ result has the least e H e^T (each candidate run alone)."""
+    W, X = correlated_layer(n=2000)
+    H = (X.T @ X).double()
+    q, s = tg.quantize_rows(W, 7, H, 0.01, 16)
+    runs = []
+    for qt in tg.CLIP_QUANTILES:
+        sc = scale_at(W, 7, qt)
+        e = W.double() - tg.gptq_rows(W, H, sc, 7, 16, 0.01).double() * sc.double()[:, None]
+        runs.append((sc, ((e @ H) * e).sum(1)))
+    best = torch.stack([r[1] for r in runs]).argmin(0)
+    assert torch.equal(s, torch.stack([r[0] for r in runs])[best, torch.arange(len(best))])
+    assert len(set(best.tolist())) > 1  # the choice differs between rows
+
+
+@pytest.mark.parametrize("qmax", [31, 7])
+def test_gptq_reduces_the_layer_output_error(qmax):
+    """||X W^T - X Ŵ^T||^2 from X itself, on held-out rows of X (the Hessian saw the other rows only)."""
+    W, X = correlated_layer(n=6000)
+    fit, held = X[:3000], X[3000:]
+    err = lambda q, s: ((held @ W.T - held @ tg.dequantize_rows(q, s).T).square().sum() / (held @ W.T).square().sum()).item()
+    clip = err(*tg.quantize_rows(W, qmax))
+    gptq = err(*tg.quantize_rows(W, qmax, (fit.T @ fit).double(), 0.01, 16))
+    assert gptq < 0.7 * clip, (gptq, clip)
+
+
+def test_hessians_are_the_input_gram_matrices():
+    """collect_hessians == X^T X of each int6 matrix's input, captured by an independent forward hook."""
+    args = tg.Hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", VE_LAYERS="1",
+                                   XSA_LAST_N="1", BIGRAM_DIM="8", VE_DIM="8", ROPE_DIMS="8", TRAIN_SEQ_LEN="16"), "cpu")
+    torch.manual_seed(0)
+    model = tg.build_model(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    tokens = torch.randint(0, 1024, (8 * 2 * 16,))
+    ctx = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
+    H = tg.collect_hessians(model, tokens, 16, ctx)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.setdefault(n, []).append(inp[0].reshape(-1, inp[0].size(-1))))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model.hidden(tokens.view(-1, 16))
+    for h in hooks:
+        h.remove()
+    assert set(H) == {n for n in model.state_dict() if n.endswith(tg.INT6_SUFFIXES)}
+    for name, h in H.items():
+        x = torch.cat(seen[name[:-7]]).double()
+        torch.testing.assert_close(h, x.T @ x, rtol=1e-5, atol=1e-6)
+    assert torch.equal(H["blocks.0.attn.k.weight"], H["blocks.0.attn.q.weight"])  # one input, summed alike
+    assert not torch.equal(H["blocks.0.attn.q.weight"], H["blocks.0.attn.proj.weight"])
+
+
+def test_grouped_layout_roundtrips_every_tensor_bitwise():
+    g = torch.Generator().manual_seed(0)
+    qstate = {"a.weight": {"kind": "int6", "q": torch.randint(-31, 32, (7, 5), generator=g, dtype=torch.int8),
+                           "scale": torch.rand(7, generator=g).half()},
+              "emb": {"kind": "int8", "q": torch.randint(-127, 128, (9, 4), generator=g, dtype=torch.int8),
+                      "scale": torch.rand(9, generator=g).half()},
+              "mat": {"kind": "float", "value": torch.randn(3, 6, generator=g).half()},
+              "vec": {"kind": "float", "value": torch.randn(11, generator=g)},
+              "scalar": {"kind": "float", "value": torch.tensor(0.05)},
+              "b.weight": {"kind": "int6", "q": torch.randint(-31, 32, (2, 3), generator=g, dtype=torch.int8),
+                           "scale": torch.rand(2, generator=g).half()}}
+    args = tg.Hyperparameters({}, preset="cpu")
+    six, rest = (brotli.decompress(b) for b in tg.artifact_parts(qstate, args))
+    assert six == qstate["a.weight"]["q"].numpy().tobytes() + qstate["b.weight"]["q"].numpy().tobytes()
+    assert len(rest.split(b"\n", 1)[1]) == 9 * 4 + 2 * (7 + 9 + 2) + 2 * 18 + 4 * 11 + 4
+    meta, back = tg.unpack(six, rest)
+    assert meta == {"arch": args.arch(), "config_hash": args.config_hash()} and list(back) == list(qstate)
+    for name, e in qstate.items():
+        for key, t in e.items():
+            if key != "kind":
+                assert back[name][key].dtype == t.dtype and torch.equal(back[name][key], t), (name, key)
+
+
+def test_fit_zeroes_the_cheapest_ones_first_and_fits():
+    """fit_int6 zeroes a prefix of the ±1s ordered by s_row^2 * H_jj (computed here independently), as few as fit."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.clamp(torch.round(torch.randn(64, 96, generator=g) * 2), -31, 31).to(torch.int8)
+    scale, h = torch.rand(64, generator=g).half() + 0.1, torch.rand(96, generator=g).double() + 0.1
+    qstate = {"w": {"kind": "int6", "q": q, "scale": scale}, "f": {"kind": "float", "value": torch.ones(3)}}
+    size = len(brotli.compress(q.numpy().tobytes(), **tg.BROTLI))
+    stream, k, nbytes = tg.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.2)
+    assert stream is not None and nbytes == len(stream) <= size - 100 and 0 < k <= 0.2 * q.numel()
+    out = torch.frombuffer(bytearray(brotli.decompress(stream)), dtype=torch.int8).view_as(q)
+    zeroed = (q.abs() == 1) & (out == 0)
+    assert zeroed.sum() == k and torch.equal(out[~zeroed], q[~zeroed])
+    cost = (scale.float()[:, None] ** 2 * h.float()[None, :])
+    assert cost[zeroed].max() <= cost[(q.abs() == 1) & ~zeroed].min()  # the cheapest first
+    assert tg.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.001)[0] is None  # 0.1% cannot save 100 B
+
+
+# ----------------------------------------------------------------------------- CLI: fit to the cap
+@pytest.fixture(scope="module")
+def unfitted(tmp_path_factory, sample_paths):
+    """One tiny run at the default TARGET_BYTES, with a frozen copy of the code (its sizes are what the runs count)."""
+    root = tmp_path_factory.mktemp("fit")
+    data = make_dataset(root / "data", sample_paths)
+    code = root / "code"
+    code.mkdir()
+    for f in ("train_gpt.py", "backoff_mixer.py", "kg_data.py"):
+        shutil.copy(ROOT / f, code / f)
+    env = tiny_env_for(data, sample_paths)
+    p = run_cli(env, root, script=code / "train_gpt.py", RUN_ID="free")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    total = int(re.search(r"^Total submission size int6\+lzma: (\d+) bytes$", p.stdout, re.M).group(1))
+    return types.SimpleNamespace(root=root, code=code, env=env, total=total, out=p.stdout)
+
+
+def finals(text):
+    return [re.sub(r" eval_time:\S+", "", l) for l in text.splitlines() if l.startswith("final_int6_")]
+
+
+def test_fit_to_cap_total_is_the_files_and_under_target_and_eval_only_reproduces(unfitted):
+    target = unfitted.total - 40
+    p = run_cli(unfitted.env, unfitted.root, script=unfitted.code / "train_gpt.py", RUN_ID="fit", TARGET_BYTES=target)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    total = int(re.search(r"^Total submission size int6\+lzma: (\d+) bytes$", p.stdout, re.M).group(1))
+    artifact = unfitted.root / "artifacts" / "fit.ptz"
+    names = [f.split("=")[0] for f in log_value(p.stdout, "code_bytes:", "files").split(",")]
+    assert total == artifact.stat().st_size + sum((unfitted.code / n).stat().st_size for n in names) <= target
+    fit = re.search(r"^fit_to_cap: total (\d+) -> (\d+) bytes zeroed:(\d+)/(\d+) int6 values", p.stdout, re.M)
+    # before: about the unfitted run's total (TARGET_BYTES is in the config hash the header stores: its 12 hex
+    # digits compress differently, by tens of bytes at most)
+    assert fit and abs(int(fit.group(1)) - unfitted.total) < 64 and int(fit.group(2)) == total and int(fit.group(3)) > 0
+    assert int(fit.group(3)) <= 0.02 * int(fit.group(4))
+    again = run_cli(unfitted.env, unfitted.root, script=unfitted.code / "train_gpt.py", RUN_ID="fit_again", EVAL_ONLY=1,
+                    ARTIFACT=str(artifact))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert len(finals(p.stdout)) == 4 and finals(again.stdout) == finals(p.stdout)
+    assert finals(p.stdout) != finals(unfitted.out)  # the zeroed values changed the model
+
+
+def test_over_cap_keeps_the_model_evaluates_it_and_exits_4(unfitted):
+    target = unfitted.total - 40
+    p = run_cli(unfitted.env, unfitted.root, script=unfitted.code / "train_gpt.py", RUN_ID="over", TARGET_BYTES=target,
+                FIT_MAX_FRACTION="0.0001")
+    assert p.returncode == 4, p.stdout[-2000:] + p.stderr[-2000:]
+    kept = unfitted.root / "artifacts" / "over.OVER_CAP.ptz"
+    assert kept.is_file() and not (unfitted.root / "artifacts" / "over.ptz").exists()
+    (_, kept_state), (_, free_state) = (tg.load_artifact(str(unfitted.root / "artifacts" / f)) for f in ("over.OVER_CAP.ptz", "free.ptz"))
+    assert all(torch.equal(kept_state[k], free_state[k]) for k in free_state)  # the unfitted model, whole
+    over = [l for l in p.stdout.splitlines() if l.startswith("over_cap:")]
+    assert len(over) == 1 and "NOT a valid submission" in over[0] and "MLP_MULT" in over[0]
+    total, by = map(int, re.search(rf"total (\d+) bytes exceeds TARGET_BYTES={target} by (\d+) ", over[0]).groups())
+    assert total - target == by > 0
+    logged = int(re.search(r"^Total submission size int6\+lzma: (\d+) bytes$", p.stdout, re.M).group(1))
+    assert logged == total == kept.stat().st_size + (unfitted.code / "train_gpt.py").stat().st_size
+    assert finals(p.stdout) == finals(unfitted.out)  # evaluated, and it is the unfitted model
+    assert re.match(r"run_complete total_time:\S+ NOT a valid submission \(over_cap\)$", p.stdout.splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- 1 rank == 2 gloo ranks
+EXPORT = '''import sys, torch
+sys.path.insert(0, sys.argv[1])
+import train_gpt as tg
+args = tg.Hyperparameters()
+ctx = tg.DistContext(args)
+torch.manual_seed(0)
+model = tg.build_model(args)
+with torch.no_grad():  # every weight random (the init zeroes some projections)
+    for p in model.parameters():
+        p.normal_(0, 0.3 if p.ndim < 2 else p.size(-1) ** -0.5)
+stream = tg.TokenStream(args.data_path + "/fineweb_train_*.bin", args.vocab_size)
+print(tg.export(model, args, stream, ctx, print if ctx.rank == 0 else (lambda m: None), sys.argv[2], 0))
+tg.dist.destroy_process_group() if ctx.world > 1 else None
+'''
+
+
+def test_one_and_two_gloo_ranks_write_the_same_artifact(tmp_path, sample_paths):
+    data = make_dataset(tmp_path / "data", sample_paths)
+    (tmp_path / "export.py").write_text(EXPORT)
+    env = tiny_env_for(data, sample_paths, GPTQ_CALIB_TOKENS=4096)
+    cmd = [str(tmp_path / "export.py"), str(ROOT)]
+    one = run_cli(env, tmp_path, [str(ROOT), "one"], script=tmp_path / "export.py")
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    two = run_two_ranks([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         *cmd, "two"], tmp_path, env, timeout=120)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert "export quant:gptq calibration:4096 tokens" in one.stdout and "export quant:gptq calibration:4096" in two.stdout
+    a, b = (tmp_path / "artifacts" / "one.ptz").read_bytes(), (tmp_path / "artifacts" / "two.ptz").read_bytes()
+    assert a == b
+
+
+def test_gptq_reserve_comes_off_the_training_clock(tmp_path, sample_paths):
+    """MAX_WALLCLOCK_SECONDS=4 with GPTQ_RESERVE_SECONDS=3: training stops at the 1 s cap, not at 4 s."""
+    data = make_dataset(tmp_path / "data", sample_paths)
+    env = tiny_env_for(data, sample_paths, RUN_ID="reserve", ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=4, GPTQ_RESERVE_SECONDS=3)
+    p = run_cli(env, tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "gptq_reserve:3.0s training_cap:1.0s" in p.stdout
+    stopped = float(log_value(p.stdout, "stopping_early", "train_time").rstrip("ms"))
+    assert 1000 <= stopped < 4000, stopped
+    clip = run_cli(env, tmp_path, RUN_ID="no_reserve", QUANT="clip")  # without GPTQ nothing is reserved
+    assert clip.returncode == 0 and "gptq_reserve:" not in clip.stdout
+    assert float(log_value(clip.stdout, "stopping_early", "train_time").rstrip("ms")) >= 4000
