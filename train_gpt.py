@@ -2,7 +2,7 @@
 train_gpt.py — Parameter Golf record submission, honest edition.
 
 Trains an 11-layer GPT with multi-token-prediction heads (torchrun, 8xH100, 600 s), exports it as an
-int6+LZMA artifact under 16,000,000 bytes (every code file the run needs counted), and scores it with
+int6 artifact (GPTQ, brotli) whose total with every code file the run needs fits 16,000,000 bytes, and scores it with
 a sharded sliding-window evaluation mixed with an exact, normalized n-gram model (backoff_mixer.py):
 each batch is scored first, the n-gram counts are updated after. The score is a real BPB.
 
@@ -286,25 +286,14 @@ def write_atomic(path, data: bytes) -> None:
 def check_writable(path, name: str) -> None:
     """Fail now, not after a long run, if `path` (an output file) cannot be written: create and remove a probe."""
     path = Path(path)
-    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
             raise IsADirectoryError(21, "is a directory")
-        probe.touch()
+        (probe := path.with_name(f".{path.name}.{os.getpid()}.probe")).touch()
         probe.unlink()
     except OSError as e:
         raise UserError(f"{name}={path} cannot be written ({e.strerror}); choose another path") from None
-
-
-def write_shard(path, tokens) -> None:
-    """Competition shard: 256 little-endian int32 [magic, version, n, 0...], then n little-endian uint16."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError("shard tokens must fit in uint16")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
 
 
 def read_shard_header(path) -> int:
@@ -354,10 +343,9 @@ class TokenStream:
     """Reads shards in order as one endless stream (wrapping to the first shard at the end)."""
 
     def __init__(self, pattern: str, vocab_size: int):
-        self.files, self.vocab_size = list_shards(pattern), vocab_size
+        self.files, self.vocab_size, self.file_idx, self.pos = list_shards(pattern), vocab_size, 0, 0
         for f in self.files:
             read_shard_header(f)  # fail on a bad shard now, not an hour into training
-        self.file_idx, self.pos = 0, 0
         self.tokens = load_data_shard(self.files[0], vocab_size)
 
     def take(self, n: int) -> Tensor:
@@ -526,17 +514,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d, d, bias=False)
         self.q_gain = nn.Parameter(torch.ones(self.h))
         self.rotary = Rotary(a.rope_dims, a.rope_base)
-        self.xsa = xsa
-        self.backend = "sdpa"
+        self.xsa, self.backend = xsa, "sdpa"
 
     def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.hd)
         k = self.k(x).view(B, T, self.kv, self.hd)
-        v = self.v(x)
-        if ve is not None:
-            v = v + ve
-        v = v.view(B, T, self.kv, self.hd)
+        v = (self.v(x) if ve is None else self.v(x) + ve).view(B, T, self.kv, self.hd)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, None, :, None]
         k = self.rotary(rms_norm(k))
         q, k = q.to(v.dtype), k.to(v.dtype)  # rms_norm runs in fp32 under autocast; FA3 needs one dtype
@@ -722,10 +706,8 @@ class Muon:
         for p in params:
             groups.setdefault(tuple(p.shape), []).append(p)
         self.groups = list(groups.values())
-        self.momentum = []
-        for ps in self.groups:
-            shard = math.ceil(len(ps) / world_size)
-            self.momentum.append(torch.zeros(shard, *ps[0].shape, device=ps[0].device, dtype=torch.float32))
+        self.momentum = [torch.zeros(math.ceil(len(ps) / world_size), *ps[0].shape, device=ps[0].device,
+                                     dtype=torch.float32) for ps in self.groups]  # this rank's shard of each group
         self.shard_grads: list[Tensor] = []
 
     def _stack(self, ps: list[Tensor], shard: int) -> Tensor:
@@ -837,18 +819,15 @@ class Logger:
     """Rank 0 prints and appends to logs/<RUN_ID>.txt, flushed line by line; other ranks stay quiet."""
 
     def __init__(self, path: Path | None):
-        self.path = path
-        self.file = None
+        self.path, self.file = path, None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", buffering=1)
 
     def __call__(self, msg: str):
-        if self.file is None:
-            return
-        print(msg, flush=True)
-        self.file.write(msg + "\n")
-        self.file.flush()
+        if self.file is not None:
+            print(msg, flush=True)
+            self.file.write(msg + "\n")  # line-buffered: on disk as it goes
 
 
 class Progress:
@@ -1268,12 +1247,9 @@ def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log, adap
         if ctx.world > 1:
             bounds = [rank_span(chunk, r, ctx.world, L, S, N)[1:] for r in range(ctx.world)]
             width = max(b - a for a, b in bounds)
-            mine_buf = torch.zeros(2, width, device=ctx.device)
-            mine_buf[:, :out.size(1)] = out
             buf = torch.zeros(ctx.world * 2 * width, device=ctx.device)
-            dist.all_gather_into_tensor(buf, mine_buf.flatten())
-            buf = buf.view(ctx.world, 2, width)
-            out = torch.cat([buf[r, :, :b - a] for r, (a, b) in enumerate(bounds)], dim=1)
+            dist.all_gather_into_tensor(buf, F.pad(out, (0, width - out.size(1))).flatten())
+            out = torch.cat([buf.view(ctx.world, 2, width)[r, :, :b - a] for r, (a, b) in enumerate(bounds)], dim=1)
         parts.append(out)
         if adapt and c + per < len(starts):
             adapt(*rank_span(chunk, 0, 1, L, S, N)[1:])
@@ -1385,14 +1361,11 @@ class DistContext:
         if args.train_batch_tokens % per_step:
             raise UserError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by world_size*grad_accum*"
                             f"TRAIN_SEQ_LEN={per_step}; use a multiple of {per_step}")
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
+        self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        self.backend = "none"
+        self.backend = ("nccl" if self.device.type == "cuda" else "gloo") if self.world > 1 else "none"
         if self.world > 1:
-            self.backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=args.collective_timeout_seconds))
 
     def sync(self):
@@ -1410,10 +1383,9 @@ class DistContext:
 
 
 def git_commit() -> str:
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()  # noqa: E731
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
         return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -1440,10 +1412,9 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
         loaded = load_artifact(args.artifact)
         adopt_artifact_arch(args, loaded[0], args.artifact)
         args.check_ttt()  # TTT_PARAMS against the artifact's arch
-    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts = build_byte_luts(sp, args.vocab_size)
-    val_pattern = os.path.join(args.data_path, "fineweb_val_*.bin")
-    val_tokens = load_validation_tokens(val_pattern, args.vocab_size, max(args.eval_seq_len, args.train_seq_len) + 1)
+    luts = build_byte_luts(load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size)
+    val_tokens = load_validation_tokens(os.path.join(args.data_path, "fineweb_val_*.bin"), args.vocab_size,
+                                        max(args.eval_seq_len, args.train_seq_len) + 1)
     if args.eval_dump and ctx.rank == 0:
         check_writable(args.eval_dump, "EVAL_DUMP")
     n_code, detail = code_bytes(args)
@@ -1463,8 +1434,7 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if args.eval_only:
-        artifact = args.artifact
-        log(f"eval_only:1 artifact:{artifact}")
+        log(f"eval_only:1 artifact:{(artifact := args.artifact)}")
     else:
         model = build_model(args).to(ctx.device)
         total, mtp = count_params(model)
@@ -1499,8 +1469,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log_box: list = []
-    ctx = None
+    log_box, ctx = [], None
     prefix = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
 
     def report(msg: str, code: int) -> int:

@@ -29,7 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from train_gpt import load_data_shard, write_shard  # noqa: E402
+from train_gpt import load_data_shard  # noqa: E402
+from data.shards import write_shard  # noqa: E402
 
 SHARD_TOKENS = 100_000_000
 

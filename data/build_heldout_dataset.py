@@ -27,7 +27,8 @@ import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from train_gpt import write_atomic, write_shard  # noqa: E402
+from train_gpt import write_atomic  # noqa: E402
+from data.shards import write_shard  # noqa: E402
 
 MAN_ROOT = Path("/usr/share/man")
 ESCAPES = {r"\-": "-", r"\(aq": "'", r"\(dq": '"', r"\(em": "--", r"\(en": "-", r"\(bu": "*", r"\(co": "(c)",

@@ -28,7 +28,8 @@ import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from train_gpt import read_shard_header, write_atomic, write_shard  # noqa: E402
+from train_gpt import read_shard_header, write_atomic  # noqa: E402
+from data.shards import write_shard  # noqa: E402
 
 VOCAB_SIZE = 1024
 SEED = 1337

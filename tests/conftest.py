@@ -16,8 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
+from data.shards import write_shard  # noqa: E402
 
 SCRIPT = ROOT / "train_gpt.py"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker on a 2-core machine
+    import torch
+    torch.set_num_threads(1)
 
 # A model that trains and evaluates in a few seconds on 2 CPU cores.
 TINY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", VE_LAYERS="1", XSA_LAST_N="1",
@@ -46,9 +50,9 @@ def make_dataset(dest: Path, sample_paths, val_tokens: int = 1500, train_tokens:
     dest.mkdir(parents=True, exist_ok=True)
     val = train_gpt.load_data_shard(data / "fineweb_val_000000.bin").numpy()
     train = train_gpt.load_data_shard(data / "fineweb_train_000000.bin").numpy()
-    train_gpt.write_shard(dest / "fineweb_val_000000.bin", val[:val_tokens])
+    write_shard(dest / "fineweb_val_000000.bin", val[:val_tokens])
     for k in range(train_shards):
-        train_gpt.write_shard(dest / f"fineweb_train_{k:06d}.bin", train[k * train_tokens:(k + 1) * train_tokens])
+        write_shard(dest / f"fineweb_train_{k:06d}.bin", train[k * train_tokens:(k + 1) * train_tokens])
     return dest
 
 

@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
+from data.shards import write_shard  # noqa: E402
 from train_gpt import UserError  # noqa: E402
 
 BUILDER = ROOT / "data" / "build_sample_dataset.py"
@@ -64,7 +65,7 @@ def sp(sample):
 @pytest.mark.parametrize("tokens", [[], [0], [0, 1, 65535, 1023, 7] * 50])
 def test_shard_round_trip(tmp_path, tokens):
     path = tmp_path / "fineweb_train_000000.bin"
-    train_gpt.write_shard(path, np.array(tokens, dtype=np.int64))
+    write_shard(path, np.array(tokens, dtype=np.int64))
     assert path.stat().st_size == 1024 + 2 * len(tokens)
     assert independent_read(path).tolist() == tokens
     assert train_gpt.read_shard_header(path) == len(tokens)
@@ -74,7 +75,7 @@ def test_shard_round_trip(tmp_path, tokens):
 def test_write_shard_rejects_out_of_range(tmp_path):
     for bad in ([65536], [-1]):
         with pytest.raises(ValueError):
-            train_gpt.write_shard(tmp_path / "x.bin", np.array(bad))
+            write_shard(tmp_path / "x.bin", np.array(bad))
     assert not list(tmp_path.iterdir())
 
 
@@ -110,7 +111,7 @@ def test_bad_shard_is_refused_naming_the_file(tmp_path, case):
 
 
 def test_bad_shard_later_in_the_list_fails_before_any_tokens(tmp_path):
-    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(100))
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(100))
     (tmp_path / "fineweb_train_000001.bin").write_bytes(_header(n=50) + b"\0" * 10)
     with pytest.raises(UserError, match="fineweb_train_000001.bin"):
         train_gpt.TokenStream(str(tmp_path / "fineweb_train_*.bin"), 1024)
@@ -121,9 +122,9 @@ def test_token_ids_are_checked_against_the_vocabulary_where_read(tmp_path):
     its value, whether the shard is the validation split, the first train shard, or one reached mid-stream."""
     ok, bad = np.arange(100) % 50, np.arange(100) % 50
     bad[[17, 60]] = [50, 999]                       # 50 is the first id outside a 50-token vocabulary
-    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", ok)
-    train_gpt.write_shard(tmp_path / "fineweb_train_000001.bin", bad)
-    train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", bad)
+    write_shard(tmp_path / "fineweb_train_000000.bin", ok)
+    write_shard(tmp_path / "fineweb_train_000001.bin", bad)
+    write_shard(tmp_path / "fineweb_val_000000.bin", bad)
     expect = "has token id 50 at position 17, outside the vocabulary [0, 50)"
     with pytest.raises(UserError, match=re.escape(f"fineweb_val_000000.bin {expect}")):
         train_gpt.load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), 50)
@@ -147,7 +148,7 @@ def _write_stream(tmp_path, sizes, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     parts = [rng.integers(0, 1024, n) for n in sizes]
     for i, part in enumerate(parts):
-        train_gpt.write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", part)
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", part)
     return np.concatenate(parts)
 
 
@@ -337,7 +338,7 @@ def test_fetch_downloads_validates_and_skips(fetcher, tmp_path, monkeypatch):
     prefix = hub / "datasets" / "datasets" / "fineweb10B_sp1024"
     for split, n in (("val", 1), ("train", 3)):
         for i in range(n):
-            train_gpt.write_shard(prefix / f"fineweb_{split}_{i:06d}.bin", np.arange(10 + i))
+            write_shard(prefix / f"fineweb_{split}_{i:06d}.bin", np.arange(10 + i))
     (hub / "datasets" / "tokenizers").mkdir(parents=True)
     (hub / "datasets" / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"model")
     (hub / "datasets" / "manifest.json").write_text(json.dumps(_manifest(3)))

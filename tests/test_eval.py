@@ -20,6 +20,7 @@ import torch
 
 from conftest import ROOT, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
 import train_gpt
+from data.shards import write_shard  # noqa: E402
 from train_gpt import GPT, Hyperparameters
 
 LN2 = math.log(2)
@@ -358,7 +359,7 @@ def test_changing_the_tail_leaves_earlier_scores_unchanged(trained, mixer):
     pert = trained.root / f"pert{mixer}"
     shutil.copytree(trained.data, pert)
     val[-K:] = (val[-K:].astype(int) * 31 + 7) % 1024
-    train_gpt.write_shard(pert / "fineweb_val_000000.bin", val)
+    write_shard(pert / "fineweb_val_000000.bin", val)
     _, a = eval_only(trained, f"base{mixer}", USE_NGRAM_MIXER=mixer)
     _, b = eval_only(trained, f"perturbed{mixer}", data=pert, USE_NGRAM_MIXER=mixer)
     first = len(val) - K - 1  # target index of the first changed token

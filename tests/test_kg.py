@@ -16,7 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import build_kg  # noqa: E402
-from train_gpt import UserError, write_shard  # noqa: E402  (build_kg put ROOT on sys.path)
+from train_gpt import UserError  # noqa: E402  (build_kg put ROOT on sys.path)
+from data.shards import write_shard  # noqa: E402
 
 
 def load_module(path: Path, name: str = "kg_under_test"):

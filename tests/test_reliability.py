@@ -25,6 +25,7 @@ import torch
 
 from conftest import ROOT, SCRIPT, make_dataset, run_cli, snapshot, tiny_env_for
 import train_gpt
+from data.shards import write_shard  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def out_of_vocab(path: Path, pos: int, value: int):
     """Put one token id >= VOCAB_SIZE (1024) into a shard at pos (a shard made with another tokenizer)."""
     tokens = train_gpt.load_data_shard(path).numpy().copy()
     tokens[pos] = value
-    train_gpt.write_shard(path, tokens)
+    write_shard(path, tokens)
 
 
 VAL = "fineweb_val_000000.bin"
@@ -127,7 +128,7 @@ CASES = {
     "train_header_only": (lambda w: (w.data / TRAIN1).write_bytes(b"\0" * 100), "shorter than"),
     "val_token_out_of_vocab": (lambda w: out_of_vocab(w.data / VAL, 777, 1024), f"{VAL} has token id 1024 at position 777"),
     "train_token_out_of_vocab": (lambda w: out_of_vocab(w.data / TRAIN0, 5, 40000), f"{TRAIN0} has token id 40000 at position 5"),
-    "val_shorter_than_window": (lambda w: train_gpt.write_shard(w.data / VAL, np.arange(50)), "validation split"),
+    "val_shorter_than_window": (lambda w: write_shard(w.data / VAL, np.arange(50)), "validation split"),
     "tokenizer_missing": (lambda w: {"TOKENIZER_PATH": str(w.root / "no.model")}, "not found"),
     "tokenizer_garbage": (lambda w: put(w.root / "g.model", b"junk" * 10, "TOKENIZER_PATH"), "not a SentencePiece"),
     "tokenizer_vocab_mismatch": (lambda w: {"VOCAB_SIZE": "512"}, "VOCAB_SIZE=512"),
@@ -158,7 +159,7 @@ CASES = {
     "artifact_other_config_tensors": (other_meta_artifact, "does not fit"),
     "artifact_vocab_vs_tokenizer": (vocab512_artifact, "VOCAB_SIZE=512"),
     "artifact_old_format": (old_format_artifact, "older format pgolf-int6-lzma-v1"),
-    "quant_unknown": (lambda w: {"QUANT": "int4"}, "QUANT=int4 must be gptq or clip"),
+    "quant_unknown": (lambda w: {"QUANT": "int4"}, "QUANT='int4' must be one of gptq, clip"),
     "gptq_calib_not_whole_slices": (lambda w: {"GPTQ_CALIB_TOKENS": "1000"}, "GPTQ_CALIB_TOKENS=1000 must be a multiple"),
     "gptq_calib_over_train_tokens": (lambda w: {"GPTQ_CALIB_TOKENS": "40960"}, "exceeds the 40000 training tokens"),
     "gptq_damp_zero": (lambda w: {"GPTQ_DAMP": "0"}, "GPTQ_DAMP=0.0 must be > 0"),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from conftest import log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
 import train_gpt
+from data.shards import write_shard  # noqa: E402
 from test_eval import cpu_ctx, finals, quiet, random_model, scored_by, tiny_args
 
 
@@ -248,7 +249,7 @@ def test_changing_tokens_after_k_changes_no_score_before_k(trained):
     pert = trained.root / "pert"
     shutil.copytree(trained.data, pert)
     val[k:] = (val[k:].astype(int) * 31 + 7) % 1024
-    train_gpt.write_shard(pert / "fineweb_val_000000.bin", val)
+    write_shard(pert / "fineweb_val_000000.bin", val)
     _, a = eval_only(trained, "base")
     _, b = eval_only(trained, "perturbed", data=pert)
     for key in ("nll", "nll_neural", "entropy"):
