@@ -71,8 +71,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_paths(batch: int, T: int, device, iters: int = 20, warmup: int = 3, log=print) -> dict:
-    """{path: {ms_fwd_bwd, tflops, max_err_out, max_err_dq} or {error}}, fastest first; 'fastest' names it."""
+def time_paths(batch: int, T: int, device, iters: int = 20, warmup: int = 3, log=print, skip=()) -> dict:
+    """{path: {ms_fwd_bwd, tflops, max_err_out, max_err_dq} or {error}}, fastest first; 'fastest' names it.
+    Paths named in `skip` are reported as skipped (the CPU smoke skips FlexAttention's compile)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(batch, h, T, D, generator=gen).to(device, dtype) for h in (H, KV, KV))
@@ -95,6 +96,7 @@ def time_paths(batch: int, T: int, device, iters: int = 20, warmup: int = 3, log
     flops = 4 * batch * H * T * T * D / 2 * 3.5    # causal: half the T^2; backward ~2.5x the forward
     res = {}
     for name, fn in paths(T, device).items():
+        fn = "skipped" if name in skip else fn
         if isinstance(fn, str):
             res[name] = {"error": fn}
             continue

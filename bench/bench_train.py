@@ -75,7 +75,7 @@ def time_training(args: Hyperparameters, device: torch.device, steps: int, warmu
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(args).to(device)
-    backend = attention_backend(device)
+    backend = attention_backend(device, args.attention)
     model.set_attention_backend(backend)
     total, mtp = count_params(model)
     compiled = torch.compile(model) if args.compile else model

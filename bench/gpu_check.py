@@ -1,11 +1,17 @@
-"""One-call GPU check (issue 9): does the full-size record path work, and how fast, on one GPU?
+"""One-call GPU check (issues 9 and 18): does the full-size record path work, how fast, and what does it weigh?
 
-Phases, each in its own try block (a failure is recorded and the others still run):
-  env     nvidia-smi line, torch / CUDA / triton versions, FlashAttention-3 importable or SDPA
-  model   the record-size model's parameter counts (expected 28,042,332, of which 1,048,576 MTP)
-  train   --steps timed training steps at 48x2048 per step, compiled + bf16 (bench_train.py)
-  export  GPTQ calibration (Hessians), GPTQ quantization, compression and a forced fit-to-cap timed; the artifact
-          written, reloaded, sizes, and the loss of both models on one batch
+Phases, each in its own try block (a failure is recorded and the others still run), in this order:
+  env        nvidia-smi line, torch / CUDA / triton versions, FlashAttention-3 importable or SDPA
+  model      the record-size model's parameter counts (expected 28,042,332, of which 1,048,576 MTP)
+  attention  causal GQA attention paths side by side at 48x2048 (bench/attention_paths.py): every SDPA backend,
+             FlexAttention, FA3/FA4 if importable, forward+backward, checked against the math reference
+  train      --steps timed training steps at 48x2048 per step, compiled + bf16 (bench_train.py), with the fastest
+             correct attention path that ATTENTION can name (else ATTENTION=auto's)
+  e2e        the real train_gpt.py, trained >= 1,500 steps on a sampled offline stream, real export (GPTQ, brotli,
+             fit to TARGET_BYTES) and real evaluation (TTT, online mixer): artifact bytes, bits/parameter, values
+             zeroed, the export's and the evaluation's phase times, the 8xH100 evaluation estimate (gpu_e2e.py)
+  export     (only with --phases) the export's phases on the model of `train`, untrained: GPTQ calibration,
+             quantization, compression and a forced fit timed; written, reloaded, the loss of both on one batch
   eval    sliding-window eval of the reloaded model on a slice: windows/s, full-eval estimate (bench_eval.py)
   ttt     score-first test-time training (eval_sliding + TestTimeTrainer) on one rank's share of a few chunks:
           scoring and training ms per chunk, the full evaluation on 8 GPUs it implies (bench_ttt.py)
@@ -14,7 +20,7 @@ Phases, each in its own try block (a failure is recorded and the others still ru
           (score_from_net then update); stops at the time budget and extrapolates
 Writes gpu_check.json, gpu_check_summary.txt and gpu_check.log to $OUT (or --out, or ./gpu_check_out/).
 
-    bash bench/gpu_check.sh                # on the GPU machine: < 8 minutes on one H100
+    bash bench/gpu_check.sh                # on the GPU machine: ~8 minutes on one H100 (--budget)
     bash bench/gpu_check.sh --cpu-smoke    # tiny sizes on CPU (also GPU_CHECK_CPU_SMOKE=1)
 """
 from __future__ import annotations
@@ -45,6 +51,8 @@ from bench_eval import RECORD_EVAL_S, TARGET_S, VAL_TOKENS, random_eval_model, t
 from bench_ttt import EVAL_BUDGET_S, time_ttt  # noqa: E402
 from bench_train import (RECORD_MS_PER_STEP, RECORD_TOKENS_PER_S_PER_GPU, make_args, sync,  # noqa: E402
                          time_training)
+from attention_paths import time_paths  # noqa: E402
+from gpu_e2e import phase_e2e  # noqa: E402
 from train_gpt import (LIMIT_BYTES, artifact_parts, assemble, autocast, build_eval_model, build_model,  # noqa: E402
                        code_bytes, collect_hessians, count_params, fit_int6, load_artifact, quantize_state)
 
@@ -52,6 +60,18 @@ RECORD_PARAMS, RECORD_MTP_PARAMS, RECORD_MODEL_BYTES = 28_042_332, 1_048_576, 15
 SMOKE_ENV = {"TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "EVAL_BATCH_SEQS": "8",
              "COMPILE": "0", "TTT_CHUNK_TOKENS": "256", "TTT_BATCH_SEQS": "2", "GPTQ_CALIB_TOKENS": "4096"}
 ROUNDTRIP_TOL = 0.05  # nats: int6 error on the loss of one batch
+PHASES = ["env", "model", "attention", "train", "e2e", "export", "eval", "ttt", "mixer"]
+DEFAULT_PHASES = [p for p in PHASES if p != "export"]  # e2e runs the real export on trained weights
+ATTENTION_CHOICES = next(h.check for h in train_gpt.HPARAMS if h.name == "ATTENTION").split("|")
+# e2e: full size (>= 1,500 steps of 49,152 tokens, 262,144 validation tokens) and the CPU smoke's tiny run
+E2E = {"full": {"steps": 1500, "batch_tokens": 49152, "val_tokens": 262_144, "env": {}},
+       "smoke": {"steps": 4, "batch_tokens": 2048, "val_tokens": 4096,
+                 "env": {"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "VE_LAYERS": "1",
+                         "XSA_LAST_N": "1", "BIGRAM_DIM": "16", "VE_DIM": "16", "TRAIN_SEQ_LEN": "64",
+                         "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "32", "EVAL_BATCH_SEQS": "8", "VAL_BATCH_SIZE": "4096",
+                         "WARMUP_STEPS": "0", "GPTQ_CALIB_TOKENS": "2048", "TTT_CHUNK_TOKENS": "1024",
+                         "TTT_BATCH_SEQS": "4", "TTT_BASELINE": "1", "NGRAM_ORDER": "4", "COMPILE": "0"}}}
+E2E_RESERVE_S = 100.0  # what the e2e phase leaves of the budget for eval, ttt and mixer
 
 
 class Check:
@@ -238,7 +258,11 @@ def fmt(res: dict, key: str, spec: str = "{:,.1f}") -> str:
 
 def summary(results: dict, mode: str) -> str:
     """The one-screen table: phase | measured | record / target."""
-    r = {k: results.get(k, {}) for k in ("env", "model", "train", "export", "eval", "ttt", "mixer")}
+    r = {k: results.get(k, {}) for k in PHASES}
+    paths = r["attention"].get("paths", {})
+    att = ", ".join(f"{n} {v['ms_fwd_bwd']:.2f}" + ("" if v.get("matches_reference") else " WRONG")
+                    for n, v in sorted(paths.items(), key=lambda kv: kv[1].get("ms_fwd_bwd", 1e9)) if "ms_fwd_bwd" in v)
+    e2e, est = r["e2e"], r["e2e"].get("est_8gpu_eval_s") or {}
     rows = [
         ("env", f"{r['env'].get('gpu') or r['env'].get('device')} | torch {r['env'].get('torch')} "
                 f"triton {r['env'].get('triton')} | {r['env'].get('attention')}, flash GQA {r['env'].get('sdpa_flash_gqa')}", r["env"].get("nvidia_smi", "")),
@@ -249,6 +273,19 @@ def summary(results: dict, mode: str) -> str:
                   f"{RECORD_MS_PER_STEP} ms/step on 8 GPUs = {RECORD_TOKENS_PER_S_PER_GPU:,.0f} tok/s/GPU"),
         ("", f"MFU {fmt(r['train'], 'mfu', '{:.1%}')}, peak {fmt(r['train'], 'peak_mem_gib')} GiB, "
              f"warm-up {fmt(r['train'], 'warmup_s')} s", "record peak ~22 GB/GPU"),
+        ("attention", f"fastest {r['attention'].get('fastest')} (ms fwd+bwd: {att or 'n/a'})",
+                      f"{r['attention'].get('shape', '48x2048')}; the record used FA3"),
+        ("e2e", f"{fmt(e2e, 'steps', '{}')} steps at {fmt(e2e, 'ms_per_step')} ms of {fmt(e2e, 'batch_tokens', '{:,}')} tokens, "
+                f"post-EMA {fmt(e2e, 'post_ema_bpb', '{:.4f}')} BPB; artifact {fmt(e2e, 'artifact_bytes', '{:,}')} B = "
+                f"{fmt(e2e, 'bits_per_param', '{:.3f}')} bits/param", "record lineage 4.59-4.72 bits/param"),
+        ("", f"total {fmt(e2e, 'total_bytes', '{:,}')} B (before fit {fmt(e2e, 'total_before_fit', '{:,}')}), zeroed "
+             f"{fmt(e2e, 'zeroed', '{:,}')}{', OVER CAP' if e2e.get('over_cap') else ''}; calibration "
+             f"{fmt(e2e, 'calibration_s')} s, quantize {fmt(e2e, 'quantize_s')} s, brotli {fmt(e2e, 'compress_s')} s, "
+             f"export {fmt(e2e, 'export_s')} s", f"<= {LIMIT_BYTES:,} B"),
+        ("", f"eval 8xH100 estimate {fmt(est, 'total')} s (no-TTT pass {fmt(est, 'no_ttt_pass')}, sliding "
+             f"{fmt(est, 'sliding')}, TTT {fmt(est, 'ttt_train')}, mixer {fmt(est, 'mixer')}); BPB neural "
+             f"{fmt(e2e, 'no_ttt_bpb', '{:.4f}')} -> TTT {fmt(e2e, 'neural_bpb', '{:.4f}')} -> mixed {fmt(e2e, 'mixed_bpb', '{:.4f}')}",
+             f"<= {EVAL_BUDGET_S:.0f} s (limit 600 s)"),
         ("export", f"artifact {fmt(r['export'], 'artifact_bytes', '{:,}')} B + code {fmt(r['export'], 'code_bytes', '{:,}')} B, "
                    f"round trip dloss {fmt(r['export'], 'loss_delta', '{:+.4f}')} ok={r['export'].get('roundtrip_ok')}",
                    f"record model {RECORD_MODEL_BYTES:,} B (trained; 50 steps compress differently)"),
@@ -266,10 +303,14 @@ def summary(results: dict, mode: str) -> str:
         ("", f"streaming API {fmt(r['mixer'], 'tokens_scored', '{:,}')} tokens in {fmt(r['mixer'], 'seconds')} s, "
              f"est full {fmt(r['mixer'], 'est_full_val_s')} s, table {fmt(r['mixer'], 'table_bytes', '{:,}')} B", ""),
     ]
-    lines = [f"GPU CHECK SUMMARY ({mode})", f"{'phase':7}| {'measured':78}| record / target", "-" * 130]
+    lines = [f"GPU CHECK SUMMARY ({mode})", f"{'phase':9}| {'measured':78}| record / target", "-" * 130]
+    shown = False
     for name, measured, ref in rows:
+        shown = name in results if name else shown  # a row without a name continues its phase's
+        if not shown:
+            continue
         err = results.get(name, {}).get("error") if name else None
-        lines.append(f"{name:7}| {('FAILED: ' + err) if err else measured:78}| {ref}")
+        lines.append(f"{name:9}| {('FAILED: ' + err) if err else measured:78}| {ref}")
     return "\n".join(lines)
 
 
@@ -281,11 +322,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed training steps (50; smoke 3)")
     ap.add_argument("--eval-windows", type=int, default=None, help="timed eval windows (16 batches; smoke 4)")
     ap.add_argument("--mixer-tokens", type=int, default=None, help=f"Zipf stream length ({VAL_TOKENS:,}; smoke 20,000)")
-    ap.add_argument("--mixer-seconds", type=float, default=150.0, help="cap on the mixer's time")
-    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole check; the mixer gets what is left")
+    ap.add_argument("--mixer-seconds", type=float, default=60.0, help="cap on the mixer's streaming-API timing")
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help=f"seconds for the whole check: e2e stops {E2E_RESERVE_S:.0f} s before it, the mixer at it")
     ap.add_argument("--ttt-chunks", type=int, default=None, help="timed TTT chunks (6; smoke 3)")
-    ap.add_argument("--phases", default="env,model,train,export,eval,ttt,mixer",
-                    help="comma list of the phases to run (default: all)")
+    ap.add_argument("--e2e-steps", type=int, default=None, help=f"e2e training steps ({E2E['full']['steps']:,}; smoke 4)")
+    ap.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+                    help=f"comma list of phases among {','.join(PHASES)} (default: all but export)")
     a = ap.parse_args(argv)
     smoke = a.cpu_smoke
     device = torch.device("cpu") if smoke or not torch.cuda.is_available() else torch.device("cuda")
@@ -296,19 +339,39 @@ def main(argv=None) -> int:
     check.log(f"gpu_check: {mode}, out {a.out}, budget {a.budget:.0f} s")
     state: dict = {}
 
-    def train():
-        res, state["model"] = time_training(args, device, a.steps or (3 if smoke else 50), 1 if smoke else 5,
-                                            seqs, log=check.log)
+    def attention():
+        res = time_paths(2 if smoke else 48, args.train_seq_len, device, iters=2 if smoke else 10,
+                         warmup=1 if smoke else 3, log=check.log, skip=("flex",) if smoke else ())
+        state["attention"] = res["fastest"]
         return res
 
+    def train():
+        fastest, default = state.get("attention"), args.attention
+        args.attention = fastest if device.type == "cuda" and fastest in ATTENTION_CHOICES else default
+        try:
+            res, state["model"] = time_training(args, device, a.steps or (3 if smoke else 20), 1 if smoke else 5,
+                                                seqs, log=check.log)
+        finally:
+            args.attention = default
+        res["fastest_measured"] = fastest
+        return res
+
+    def e2e():
+        size = E2E["smoke" if smoke else "full"]
+        return phase_e2e(device, check.log, check.remaining() - (0 if smoke else E2E_RESERVE_S),
+                         a.e2e_steps or size["steps"], size["batch_tokens"], size["val_tokens"], size["env"],
+                         keep=check.out / "gpu_check_e2e_log.txt")
+
     phases = a.phases.split(",")
-    unknown = set(phases) - {"env", "model", "train", "export", "eval", "ttt", "mixer"}
+    unknown = set(phases) - set(PHASES)
     if unknown:
         ap.error(f"unknown phases: {', '.join(sorted(unknown))}")
     run = lambda name, fn: check.phase(name, fn) if name in phases else None   # noqa: E731
     run("env", lambda: phase_env(device))
     run("model", lambda: phase_model(args))
+    run("attention", attention)
     run("train", train)
+    run("e2e", e2e)
     run("export", lambda: phase_export(args, device, state, seqs or 8))
     run("eval", lambda: time_sliding(state.get("eval_model") or random_eval_model(args, device), args, device,
                                      a.eval_windows or (4 if smoke else 16) * args.eval_batch_seqs, log=check.log))

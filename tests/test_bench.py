@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, TINY_ENV
 import backoff_mixer
 import train_gpt
+from data.shards import write_shard  # noqa: E402
 
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
@@ -23,7 +24,7 @@ import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
 import mixer_claims  # noqa: E402
 
-PHASES = ["env", "model", "train", "export", "eval", "ttt", "mixer"]
+PHASES = ["env", "model", "attention", "train", "e2e", "export", "eval", "ttt", "mixer"]
 
 
 def clean_env(**extra) -> dict:
@@ -41,7 +42,11 @@ def run(cmd, env, timeout=60):
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
-    p = run(["bash", str(BENCH / "gpu_check.sh"), "--cpu-smoke"], clean_env(OUT=tmp_path))
+    """Every phase at tiny sizes on CPU (the default list is all of them but export, which runs on GPUs only when
+    asked: e2e exports trained weights), so that the first GPU call does not fail on a bug a CPU can find."""
+    assert gpu_check.PHASES == PHASES and gpu_check.DEFAULT_PHASES == [p for p in PHASES if p != "export"]
+    p = run(["bash", str(BENCH / "gpu_check.sh"), "--cpu-smoke", "--phases", ",".join(PHASES)], clean_env(OUT=tmp_path),
+            timeout=300)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     summary = (tmp_path / "gpu_check_summary.txt").read_text()
     assert (tmp_path / "gpu_check.log").is_file()
@@ -53,6 +58,18 @@ def test_gpu_check_cpu_smoke(tmp_path):
     r = report["results"]
     assert r["env"]["torch"] == torch.__version__ and r["env"]["attention"] == "sdpa"
     assert r["model"]["model_params"] == r["train"]["model_params"] > r["model"]["mtp_params"] > 0
+    a = r["attention"]
+    assert a["paths"]["flex"] == {"error": "skipped"} and a["paths"]["sdpa_math"]["matches_reference"]
+    assert a["fastest"] in a["paths"] and a["paths"][a["fastest"]]["matches_reference"]
+    assert r["train"]["fastest_measured"] == a["fastest"] and r["train"]["attention"] == "sdpa"  # CPU: ATTENTION=auto
+    e2e = r["e2e"]
+    assert e2e["returncode"] == 0 and e2e["steps"] == e2e["steps_asked"] == 4 and e2e["val_tokens"] == 4096
+    assert e2e["total_bytes"] == e2e["artifact_bytes"] + e2e["code_bytes"] and e2e["zeroed"] == 0
+    assert e2e["bits_per_param"] == pytest.approx(8 * e2e["artifact_bytes"] / (e2e["model_params"] - e2e["mtp_params"]))
+    assert all(v >= 0 for v in e2e["eval_split_s"].values()) and e2e["est_8gpu_eval_s"]["total"] > 0
+    assert all(math.isfinite(e2e[k]) for k in ("post_ema_bpb", "roundtrip_bpb", "no_ttt_bpb", "neural_bpb", "mixed_bpb"))
+    assert e2e["mixer_learned"].startswith("mixer_learned") and e2e["synth"]["train_tokens"] >= 6 * 2048
+    assert (tmp_path / "gpu_check_e2e_log.txt").read_text().count("run_complete") == 1
     t = r["train"]
     assert t["steps"] == 3 and t["seqs"] == 4 and t["seq_len"] == 128 and math.isfinite(t["final_loss"])
     assert t["ms_per_step"] > 0 and t["tokens_per_s"] == pytest.approx(4 * 128 / (t["ms_per_step"] / 1000))
@@ -87,7 +104,8 @@ def test_gpu_check_reports_the_other_phases_when_one_fails(tmp_path, monkeypatch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU threads contend badly on a loaded 2-core machine
     try:
-        rc = gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--steps", "1", "--mixer-tokens", "3000"])
+        rc = gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--steps", "1", "--mixer-tokens", "3000",
+                             "--phases", "env,export,eval,mixer"])
     finally:
         torch.set_num_threads(threads)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -136,7 +154,7 @@ def test_mixer_claims_runs_on_a_dump(tmp_path, capsys):
     """bench/mixer_claims.py on a made-up dump: exact rules are real BPBs and beat the network on a repetitive stream."""
     rng = np.random.default_rng(0)
     toks = np.tile(rng.integers(0, 1024, 300), 20)
-    train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", toks)
+    write_shard(tmp_path / "fineweb_val_000000.bin", toks)
     n = toks.size - 1
     np.savez(tmp_path / "d.npz", nll_neural=np.full(n, math.log(1024)), entropy=np.full(n, math.log(1024)),
              bytes=np.full(n, 2.0))
@@ -190,3 +208,22 @@ def test_bench_ttt_sweep_tiny(tmp_path, sample_paths, capsys):
     for c in cells[1:]:
         assert float(c[4]) == pytest.approx(float(c[3]) - float(cells[0][3]), abs=1.5e-4) and int(c[2]) > 0
     assert len(list((tmp_path / "out" / "dumps").glob("*.npz"))) == 3
+
+
+def test_synth_stream_samples_the_interpolated_ngram_model_exactly():
+    """NgramSampler at order 2: the first token after a context u follows p_2(v|u) = (c(uv) + K p_1(v)) / (c(u) + K),
+    p_1(v) = (c(v) + 1) / (N + V), computed here by counting, within sampling noise of 200,000 streams."""
+    from synth_stream import NgramSampler
+    src = torch.tensor([0, 1, 2, 0, 1, 3, 0, 2, 2, 1, 0, 1])
+    N, V, K = src.numel(), 5, 2.0
+    sampler = NgramSampler(src, V, order=2, k=K)
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randint(0, N - 1, (200_000,), generator=torch.Generator().manual_seed(0))  # sample()'s first draw
+    out = sampler.sample(200_000, 1, gen)[:, 0]
+    p1 = (torch.bincount(src, minlength=V).double() + 1) / (N + V)
+    for u in range(3):
+        c_uv = torch.bincount(src[1:][src[:-1] == u], minlength=V).double()
+        exact = (c_uv + K * p1) / (c_uv.sum() + K)
+        seen = torch.bincount(out[src[start] == u], minlength=V).double()
+        assert exact.sum().item() == pytest.approx(1.0)
+        assert torch.allclose(seen / seen.sum(), exact, atol=0.01), (u, seen / seen.sum(), exact)

@@ -1,0 +1,118 @@
+"""The GPU check's end-to-end phase: the real `train_gpt.py`, trained long enough that its artifact is a trained one.
+
+What a 50-step model weighs says little (near-Gaussian weights compress to ~5.3 bits/parameter, the record's trained
+int6 model to ~4.7), and the only way to know whether our export fits 16,000,000 bytes is to train. On one GPU this
+phase: samples a long offline stream from an n-gram model of the sample dataset (bench/synth_stream.py: no token
+sequence repeats, ~STEPS x BATCH tokens), runs `python train_gpt.py` on it at the record's architecture for STEPS
+steps (a smaller batch than the record's 786,432 tokens, so that >= 1,500 steps fit in minutes), with the real export
+(GPTQ, brotli, fit to TARGET_BYTES) and the real evaluation (sliding windows, test-time training, the online mixer) on
+a VAL-token validation stream, and reads its log: artifact bytes and bits per parameter, values zeroed by the fit, the
+export's phase times, the evaluation's time split, and from those the 8xH100 estimate of the full evaluation
+(62,021,632 tokens): the sliding pass and TTT training shard over 8 GPUs, the mixer runs on one.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT), str(ROOT / "tools")]
+from make_submission import parse_log  # noqa: E402
+from synth_stream import build  # noqa: E402
+from train_gpt import load_data_shard  # noqa: E402
+
+FULL_VAL_TOKENS, GPUS, EVAL_LIMIT_S, EVAL_BUDGET_S = 62_021_632, 8, 600.0, 540.0
+RECORD_BITS_PER_PARAM = (4.59, 4.72)   # this stack's trained int6 models, published records
+NUM = r"([-+0-9.eE]+)"
+
+
+def grab(text: str, pattern: str, cast=float, default=None):
+    """The first group of the last match of pattern in text, cast; default if none."""
+    found = re.findall(pattern, text)
+    return cast(found[-1] if isinstance(found[-1], str) else found[-1][0]) if found else default
+
+
+def sample_paths(data_dir: Path | None, tokenizer: Path | None, log) -> tuple[Path, Path]:
+    """The sample dataset (source of the n-gram model) and its tokenizer; built offline if absent."""
+    data = data_dir or ROOT / "data" / "datasets" / "sample_sp1024"
+    tok = tokenizer or ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"
+    if not (data / "fineweb_train_000000.bin").is_file() or not tok.is_file():
+        log(f"e2e: building the sample dataset into {data}")
+        subprocess.run([sys.executable, str(ROOT / "data" / "build_sample_dataset.py"), "--data-dir", str(data),
+                        "--tokenizer", str(tok)], check=True, capture_output=True)
+    return data, tok
+
+
+def phase_e2e(device: torch.device, log, timeout_s: float, steps: int, batch_tokens: int, val_tokens: int,
+              env_extra: dict | None = None, data_dir: Path | None = None, tokenizer: Path | None = None,
+              keep: Path | None = None) -> dict:
+    """Run train_gpt.py end to end on a sampled stream (module docstring) and report what its log says."""
+    t0 = time.perf_counter()
+    data, tok = sample_paths(data_dir, tokenizer, log)
+    source = torch.cat([load_data_shard(f, 1024).long() for f in sorted(glob.glob(str(data / "fineweb_train_*.bin")))])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        calib = int((env_extra or {}).get("GPTQ_CALIB_TOKENS", 262_144))
+        train_tokens = (steps + 2) * (batch_tokens + 8) + calib   # no token seen twice, calibration included
+        synth = build(tmp / "data", source.to(device), 1024, train_tokens, val_tokens, log=log)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(DATA_PATH=str(tmp / "data"), TOKENIZER_PATH=str(tok), RUN_ID="gpu_check_e2e", ITERATIONS=str(steps),
+                   TRAIN_BATCH_TOKENS=str(batch_tokens), WARMDOWN_ITERS=str(max(steps // 4, 1)), VAL_LOSS_EVERY="0",
+                   MAX_WALLCLOCK_SECONDS="0", PYTHONUNBUFFERED="1", **(env_extra or {}))
+        log(f"e2e: train_gpt.py, {steps} steps of {batch_tokens:,} tokens, val {val_tokens:,} tokens, "
+            f"timeout {timeout_s:.0f} s")
+        t1 = time.perf_counter()
+        try:
+            p = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp, env=env, capture_output=True,
+                               text=True, timeout=max(timeout_s - (t1 - t0), 30))
+            rc, out = p.returncode, p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:   # what the log holds so far is still reported
+            rc, out = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        log_path = tmp / "logs" / "gpu_check_e2e.txt"
+        text = log_path.read_text() if log_path.is_file() else out
+        if keep is not None:
+            keep.write_text(text)
+        run = parse_log(log_path) if log_path.is_file() else None
+    res = {"returncode": rc, "run_s": time.perf_counter() - t1, "synth": synth, "steps_asked": steps,
+           "batch_tokens": batch_tokens, "val_tokens": val_tokens}
+    if rc not in (0, 4):   # 4: over the cap, still evaluated
+        res["error"] = f"train_gpt.py exited {rc}: {out.strip().splitlines()[-1][:300] if out.strip() else ''}"
+    if run is None:
+        return res
+    params = grab(text, r"model_params:(\d+)", int)
+    mtp = grab(text, r"mtp_params:(\d+)", int, 0)
+    res.update(
+        model_params=params, mtp_params=mtp, steps=run.steps, ms_per_step=grab(text, r"step:\d+/\d+ train_loss:\S+ train_time:\S+ step_avg:" + NUM + "ms"),
+        final_train_loss=grab(text, r"step:\d+/\d+ train_loss:" + NUM), post_ema_bpb=grab(text, r"post_ema .*val_bpb:" + NUM),
+        peak_mem_mib=run.peak_memory_mib, export_line=grab(text, r"(export quant:.*)", str),
+        calibration_s=grab(text, r"export quant:\S+ calibration:\d+ tokens in " + NUM + "s"),
+        quantize_s=grab(text, r"quantize:" + NUM + "s"), compress_s=grab(text, r"brotli:" + NUM + "s"),
+        export_s=grab(text, r"export_time:" + NUM + "s"), total_before_fit=grab(text, r"export quant:.* total:(\d+) bytes", int),
+        fit_line=grab(text, r"(fit_to_cap: .*)", str), zeroed=grab(text, r"zeroed:(\d+)/", int, 0),
+        over_cap=grab(text, r"(over_cap: .*)", str), artifact_bytes=run.model_bytes, code_bytes=run.code_bytes,
+        total_bytes=run.total_bytes, roundtrip_bpb=run.roundtrip_bpb, neural_bpb=run.neural_bpb, mixed_bpb=run.sliding_bpb,
+        no_ttt_bpb=grab(text, r"sliding_window_neural_no_ttt val_bpb:" + NUM),
+        mixer_learned=grab(text, r"(mixer_learned.*)", str), eval_s=(run.sliding_eval_ms or 0) / 1000 or None)
+    if params and res["artifact_bytes"]:
+        res["bits_per_param"] = 8 * res["artifact_bytes"] / (params - mtp)   # MTP heads are not exported
+        res["record_bits_per_param"] = RECORD_BITS_PER_PARAM
+    split = {k: grab(text, rf"eval_time_split .*{k}:" + NUM + "s") for k in ("no_ttt_pass", "sliding", "ttt_train", "mixer")}
+    res["eval_split_s"] = split
+    if all(v is not None for v in split.values()):
+        scale = FULL_VAL_TOKENS / val_tokens
+        est = {"no_ttt_pass": split["no_ttt_pass"] * scale / GPUS, "sliding": split["sliding"] * scale / GPUS,
+               "ttt_train": split["ttt_train"] * scale / GPUS, "mixer": split["mixer"] * scale,
+               "roundtrip": (run.roundtrip_eval_ms or 0) / 1000 * scale / GPUS}
+        est["total"] = sum(est.values())
+        res.update(est_8gpu_eval_s=est, est_ratio_to_limit=est["total"] / EVAL_LIMIT_S,
+                   est_within_budget=est["total"] <= EVAL_BUDGET_S)
+    return res
