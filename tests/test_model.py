@@ -188,7 +188,7 @@ def test_two_rank_torchrun_matches_one_rank(model_data, tmp_path):
 
 def test_same_seed_same_log_and_it_learns(model_data, sample_paths, tmp_path):
     base, train, val = model_data
-    env = dict(base, ITERATIONS="150", WARMDOWN_ITERS="30", TRAIN_LOG_EVERY="25", VAL_LOSS_EVERY="75", SEED="7")
+    env = dict(base, ITERATIONS="60", WARMDOWN_ITERS="15", TRAIN_LOG_EVERY="20", VAL_LOSS_EVERY="30", SEED="7")
     runs = []
     for rid in ("a", "b"):
         r = run_train(tmp_path, env, RUN_ID=rid)
@@ -205,7 +205,7 @@ def test_same_seed_same_log_and_it_learns(model_data, sample_paths, tmp_path):
                              tg.build_byte_luts(sp, 1024)).sum().item()
     unigram_bpb = unigram_nats / math.log(2) / nbytes
     bpb = float(re.search(r"final_int6_sliding_window_exact val_loss:\S+ val_bpb:([0-9.]+)", runs[0]).group(1))
-    assert bpb < unigram_bpb - 0.3, (bpb, unigram_bpb)
+    assert bpb < unigram_bpb - 0.3, (bpb, unigram_bpb)  # 60 steps: 3.23 against 3.70
 
 
 def test_cpu_import_is_cheap_and_does_no_work(tmp_path):
