@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +74,26 @@ def tiny_env_for(data: Path, sample_paths, **extra) -> dict:
         env.pop(k, None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight the CLI subprocesses for the cores)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def frozen_code(root: Path) -> Path:
+    """A copy of the counted code files in root/code: runs from it keep their sizes while the repo is edited."""
+    import shutil
+    code = root / "code"
+    code.mkdir()
+    for f in ("train_gpt.py", "backoff_mixer.py", "kg_data.py"):
+        shutil.copy(ROOT / f, code / f)
+    return code
 
 
 def run_cli(env: dict, cwd: Path, args=(), script: Path = SCRIPT, timeout: float = 120, **env_extra):

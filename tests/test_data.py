@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent

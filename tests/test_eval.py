@@ -11,14 +11,13 @@ import re
 import shutil
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import ROOT, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
+from conftest import frozen_code, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
 import train_gpt
 from data.shards import write_shard  # noqa: E402
 from train_gpt import GPT, Hyperparameters
@@ -26,13 +25,7 @@ from train_gpt import GPT, Hyperparameters
 LN2 = math.log(2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight the CLI subprocesses for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread in this module
 
 
 def tiny_args(**over) -> Hyperparameters:
@@ -247,10 +240,7 @@ def trained(tmp_path_factory, sample_paths):
     root = tmp_path_factory.mktemp("eval_cli")
     data = make_dataset(root / "data", sample_paths)
     env = tiny_env_for(data, sample_paths)
-    code = root / "code"  # a frozen copy: sizes stay what the runs saw while the repo is being edited
-    code.mkdir()
-    for f in ("train_gpt.py", "backoff_mixer.py", "kg_data.py"):
-        shutil.copy(ROOT / f, code / f)
+    code = frozen_code(root)
     train = run_cli(env, root, script=code / "train_gpt.py", RUN_ID="train", EVAL_DUMP="train.npz")
     assert train.returncode == 0, train.stderr[-3000:]
     artifact = root / "artifacts" / "train.ptz"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import sys
 import types
 
@@ -16,16 +15,11 @@ import brotli
 import pytest
 import torch
 
-from conftest import ROOT, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
+from conftest import ROOT, frozen_code, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
 import train_gpt as tg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread in this module
 
 
 def correlated_layer(rows=48, cols=64, n=4000, seed=0):
@@ -185,10 +179,7 @@ def unfitted(tmp_path_factory, sample_paths):
     """One tiny run at the default TARGET_BYTES, with a frozen copy of the code (its sizes are what the runs count)."""
     root = tmp_path_factory.mktemp("fit")
     data = make_dataset(root / "data", sample_paths)
-    code = root / "code"
-    code.mkdir()
-    for f in ("train_gpt.py", "backoff_mixer.py", "kg_data.py"):
-        shutil.copy(ROOT / f, code / f)
+    code = frozen_code(root)
     env = tiny_env_for(data, sample_paths)
     p = run_cli(env, root, script=code / "train_gpt.py", RUN_ID="free")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

@@ -19,18 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
+from conftest import frozen_code, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
 import train_gpt
 from data.shards import write_shard  # noqa: E402
 from test_eval import cpu_ctx, finals, quiet, random_model, scored_by, tiny_args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread in this module
 
 
 def ttt_args(**over):
@@ -196,10 +191,7 @@ def trained(tmp_path_factory, sample_paths):
     """A tiny training run with TTT (and its no-TTT baseline pass) and EVAL_DUMP."""
     root = tmp_path_factory.mktemp("ttt_cli")
     data = make_dataset(root / "data", sample_paths)
-    code = root / "code"
-    code.mkdir()
-    for f in ("train_gpt.py", "backoff_mixer.py", "kg_data.py"):
-        shutil.copy(train_gpt.ROOT / f, code / f)
+    code = frozen_code(root)
     env = tiny_env_for(data, sample_paths, **TTT_ENV)
     train = run_cli(env, root, script=code / "train_gpt.py", RUN_ID="train", EVAL_DUMP="train.npz", TTT_BASELINE=1)
     assert train.returncode == 0, train.stderr[-3000:]
