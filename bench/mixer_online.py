@@ -11,7 +11,7 @@ the streaming score/update path), in three settings:
     python bench/mixer_online.py truth --fit 'data/datasets/sample_sp1024/fineweb_train_*.bin' --order 2 --tokens 200000
     python bench/mixer_online.py heldout --fit data/datasets/heldout_man_sp1024/fineweb_train_000000.bin \\
         --eval data/datasets/heldout_man_sp1024/fineweb_val_000000.bin --order 2
-    python bench/mixer_online.py dump /work/runs/dump_seed1337.npz --val 'data/datasets/sample_sp1024/fineweb_val_*.bin'
+    python bench/mixer_online.py dump runs/dump_seed1337.npz --val 'data/datasets/sample_sp1024/fineweb_val_*.bin'
 
 Options --chunk (targets per mixer chunk, default 4096), --set KEY=VALUE (a BackoffNgramMixer keyword for
 rule online, e.g. online_grid=0,0.5), --rules (comma list), --prefixes 4096,20000 (dump: also the BPB over
