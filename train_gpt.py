@@ -59,10 +59,10 @@ class HP(NamedTuple):
     role: str = ""
 
 
-# Checks: ">=1" (counts, sizes), ">=0", ">0", "[0,1]", "0/1" (switches), "a|b|c" (one of), "" (none, or the mixer's own).
+# Checks: ">=1" (counts, sizes), ">=0", ">0", "[0,1]", "[2,8]", "0/1" (switches), "a|b|c" (one of), "" (none/the mixer's).
 CHECKS = {">=1": (lambda v: v >= 1, "must be >= 1"), ">=0": (lambda v: v >= 0, "must be >= 0"),
           ">0": (lambda v: v > 0, "must be > 0"), "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-          "0/1": (lambda v: v in (0, 1), "must be 0 or 1")}
+          "0/1": (lambda v: v in (0, 1), "must be 0 or 1"), "[2,8]": (lambda v: 2 <= v <= 8, "must lie in [2, 8]")}
 # The CPU preset is chosen when CUDA is absent: a small model that trains for a couple of minutes on the
 # sample dataset. Any env var wins.
 HPARAMS = [
@@ -121,6 +121,7 @@ HPARAMS = [
     HP("EMA_DECAY", 0.997, 0.98, "[0,1]"),
     # export and evaluation
     HP("QUANT", "gptq", None, "gptq|clip"),
+    HP("QUANT_BITS", 6, None, "[2,8]"),  # the attention/MLP ("int6") matrices' width: codes in [-(2^(b-1)-1), 2^(b-1)-1]
     HP("GPTQ_CALIB_TOKENS", 262144, 65536, ">=1"),
     HP("GPTQ_DAMP", 0.01, None, ">0"),
     HP("GPTQ_BLOCK", 128, None, ">=1"),
@@ -673,8 +674,7 @@ def build_model(args: Hyperparameters) -> GPT:
 
 
 def count_params(model: GPT) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    return total, sum(p.numel() for p in model.mtp_heads.parameters())
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.mtp_heads.parameters())
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -841,10 +841,9 @@ class Progress:
         now = time.perf_counter()
         if now - self.last < self.every and done < self.total:
             return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
-        self.log(f"progress phase:{self.phase} {self.unit}:{done}/{self.total} rate:{rate:.1f}/s eta:{eta:.0f}s")
+        rate, self.last = done / max(now - self.t0, 1e-9), now
+        self.log(f"progress phase:{self.phase} {self.unit}:{done}/{self.total} rate:{rate:.1f}/s "
+                 f"eta:{(self.total - done) / max(rate, 1e-9):.0f}s")
 
 
 def autocast(device: torch.device):
@@ -1044,16 +1043,16 @@ def collect_hessians(model: GPT, tokens: Tensor, seq_len: int, ctx) -> dict[str,
     return sums
 
 
-def quantize_state(model: GPT, hessians: dict | None = None, damp: float = 0.01, block: int = 128) -> dict:
-    """MTP heads dropped; attention/MLP matrices int6 per row (GPTQ given their inputs' Hessians, else the clip search),
-    other big matrices int8 per row, tensors of <= SMALL_TENSOR elements float (fp16 matrices, fp32 vectors)."""
+def quantize_state(model: GPT, hessians: dict | None = None, damp: float = 0.01, block: int = 128, bits: int = 6) -> dict:
+    """MTP heads dropped; attention/MLP matrices int6 (`bits` wide) per row (GPTQ given their inputs' Hessians, else the
+    clip search), other big matrices int8 per row, tensors of <= SMALL_TENSOR elements float (fp16 matrices, fp32 vectors)."""
     out = {}
     for name, t in model.state_dict().items():
         if name.startswith("mtp_heads."):
             continue
         t, six = t.detach(), name.endswith(INT6_SUFFIXES)
         if six or (t.ndim == 2 and t.numel() > SMALL_TENSOR):
-            q, s = quantize_rows(t, 31 if six else 127, hessians[name] if six and hessians else None, damp, block)
+            q, s = quantize_rows(t, 2 ** (bits - 1) - 1 if six else 127, hessians[name] if six and hessians else None, damp, block)
             out[name] = {"kind": "int6" if six else "int8", "q": q.cpu(), "scale": s.cpu()}
         else:
             out[name] = {"kind": "float", "value": (t.half() if t.ndim == 2 else t.float()).cpu()}
@@ -1149,7 +1148,7 @@ def export(model: GPT, args: Hyperparameters, stream: TokenStream, ctx, log, run
         hessians = collect_hessians(model, stream.take(args.gptq_calib_tokens), args.train_seq_len, ctx)
     t1 = time.perf_counter()
     if ctx.rank == 0:
-        qstate, t2 = quantize_state(model, hessians, args.gptq_damp, args.gptq_block), time.perf_counter()
+        qstate, t2 = quantize_state(model, hessians, args.gptq_damp, args.gptq_block, args.quant_bits), time.perf_counter()
         (six, rest), t3 = artifact_parts(qstate, args), time.perf_counter()
         total = len(assemble(six, rest)) + n_code
         log(f"export quant:{args.quant} calibration:{args.gptq_calib_tokens if hessians else 0} tokens in {t1 - t0:.1f}s "

@@ -106,6 +106,22 @@ def test_gptq_reduces_the_layer_output_error(qmax):
     assert gptq < 0.7 * clip, (gptq, clip)
 
 
+@pytest.mark.parametrize("bits", [4, 6])
+def test_quant_bits_sets_the_int6_group_width(bits):
+    """QUANT_BITS=b: the attention/MLP codes use all of, and stay in, [-(2^(b-1)-1), 2^(b-1)-1]; int8 stays int8."""
+    args = tg.Hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="1", VE_LAYERS="1",
+                                   XSA_LAST_N="1", BIGRAM_DIM="8", VE_DIM="8", ROPE_DIMS="8", QUANT_BITS=str(bits)), "cpu")
+    torch.manual_seed(0)
+    model = tg.build_model(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    qs = tg.quantize_state(model, bits=args.quant_bits)
+    six = max(int(e["q"].abs().max()) for e in qs.values() if e["kind"] == "int6")
+    eight = max(int(e["q"].abs().max()) for e in qs.values() if e["kind"] == "int8")
+    assert six == {4: 7, 6: 31}[bits] and eight == 127
+
+
 def test_hessians_are_the_input_gram_matrices():
     """collect_hessians == X^T X of each int6 matrix's input, captured by an independent forward hook."""
     args = tg.Hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", VE_LAYERS="1",

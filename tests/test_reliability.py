@@ -160,6 +160,7 @@ CASES = {
     "artifact_vocab_vs_tokenizer": (vocab512_artifact, "VOCAB_SIZE=512"),
     "artifact_old_format": (old_format_artifact, "older format pgolf-int6-lzma-v1"),
     "quant_unknown": (lambda w: {"QUANT": "int4"}, "QUANT='int4' must be one of gptq, clip"),
+    "quant_bits_out_of_range": (lambda w: {"QUANT_BITS": "9"}, "QUANT_BITS=9 must lie in [2, 8]"),
     "gptq_calib_not_whole_slices": (lambda w: {"GPTQ_CALIB_TOKENS": "1000"}, "GPTQ_CALIB_TOKENS=1000 must be a multiple"),
     "gptq_calib_over_train_tokens": (lambda w: {"GPTQ_CALIB_TOKENS": "40960"}, "exceeds the 40000 training tokens"),
     "gptq_damp_zero": (lambda w: {"GPTQ_DAMP": "0"}, "GPTQ_DAMP=0.0 must be > 0"),
