@@ -1022,10 +1022,11 @@ def dequantize_rows(q: Tensor, s: Tensor) -> Tensor:
 def collect_hessians(model: GPT, tokens: Tensor, seq_len: int, ctx) -> dict[str, Tensor]:
     """H = X^T X (float64) of each int6 matrix's input X over `tokens`, cut into CALIB_SLICES slices
     of whole sequences. Rank r runs its contiguous block of slices, one forward call each (a slice's sum is the same
-    at every world size); an all-reduce gathers them (one non-zero term per slot: exact); one fixed tree adds them."""
+    at every world size); an all-reduce gathers them (one non-zero term per slot: exact); one fixed tree adds them.
+    q, k and v read one tensor, so q's H is computed once and serves all three."""
     mods = {n + ".weight": m for n, m in model.named_modules()}
     sums = {n: torch.zeros(CALIB_SLICES, m.in_features, m.in_features, dtype=torch.float64, device=ctx.device)
-            for n, m in mods.items() if n.endswith(INT6_SUFFIXES)}  # in module order: the same on every rank
+            for n, m in mods.items() if n.endswith(INT6_SUFFIXES) and not re.search(r"\.attn\.[kv]\.", n)}  # module order
     slot = [0]  # the slice being run
 
     def add(m: str, x: Tensor):  # returns None: a pre-hook's return value would replace the module's input
@@ -1040,7 +1041,7 @@ def collect_hessians(model: GPT, tokens: Tensor, seq_len: int, ctx) -> dict[str,
         if ctx.world > 1:
             dist.all_reduce(h)
         sums[m] = ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]))  # one order at every world size
-    return sums
+    return {n: sums[re.sub(r"\.attn\.[kv]\.", ".attn.q.", n)] for n in mods if n.endswith(INT6_SUFFIXES)}
 
 
 def quantize_state(model: GPT, hessians: dict | None = None, damp: float = 0.01, block: int = 128, bits: int = 6) -> dict:
