@@ -148,6 +148,7 @@ class NgramProxy:
         self.p2 = (big + 4.0 * uni / uni.sum()) / (big.sum(1, keepdims=True) + 4.0)
         ctx = fit[:-2] * V + fit[1:-1]
         self.tri, self.tri_c = np.unique(ctx * V + fit[2:], return_counts=True)
+        self.tri_ctx = self.tri // V  # each trigram's context, sorted like tri
         self.ctx, self.ctx_c = np.unique(ctx, return_counts=True)
 
     def logits(self, ev: np.ndarray, s: int, e: int) -> torch.Tensor:
@@ -156,7 +157,7 @@ class NgramProxy:
         p = self.p2[ev[t]]
         if self.order == 3:
             q = np.where(t >= 1, ev[np.maximum(t - 1, 0)] * self.V + ev[t], -1)
-            lo, hi = np.searchsorted(self.tri // self.V, q), np.searchsorted(self.tri // self.V, q, side="right")
+            lo, hi = np.searchsorted(self.tri_ctx, q), np.searchsorted(self.tri_ctx, q, side="right")
             ci = np.minimum(np.searchsorted(self.ctx, q), len(self.ctx) - 1)
             c = np.where(self.ctx[ci] == q, self.ctx_c[ci], 0)
             rows = np.repeat(np.arange(e - s), hi - lo)
@@ -175,24 +176,8 @@ def truth_stream(net: NgramProxy, n: int, first: int = 0, seed: int = 0):
     ev = np.zeros(n + 1, dtype=np.int64)
     ev[0] = first
     u = rng.random(n)
-    p2 = torch.log_softmax(torch.from_numpy(np.log(net.p2)).float(), -1).double().exp().numpy()
-    if net.order == 3:                                       # the trigram counts as rows per context
-        ptr = np.searchsorted(net.tri // V, net.ctx)
-        ptr = np.append(ptr, net.tri.size)
-    for t in range(n):
-        b = ev[t]
-        if net.order == 2 or t == 0:
-            p = p2[b]
-        else:
-            q = ev[t - 1] * V + b
-            i = min(np.searchsorted(net.ctx, q), net.ctx.size - 1)
-            p = 2.0 * net.p2[b]
-            c = 0
-            if net.ctx[i] == q:
-                lo, hi = ptr[i], ptr[i + 1]
-                np.add.at(p, net.tri[lo:hi] % V, net.tri_c[lo:hi])
-                c = net.ctx_c[i]
-            p = torch.log_softmax(torch.from_numpy(np.log(p / (c + 2.0))).float(), -1).double().exp().numpy()
+    for t in range(n):  # the proxy's own distribution after the tokens drawn so far
+        p = torch.log_softmax(net.logits(ev, t, t + 1), -1)[0].double().exp().numpy()
         cdf = np.cumsum(p)
         ev[t + 1] = min(int(np.searchsorted(cdf, u[t] * cdf[-1])), V - 1)
     lp, H = [], []
