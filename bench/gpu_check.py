@@ -53,8 +53,9 @@ from bench_train import (RECORD_MS_PER_STEP, RECORD_TOKENS_PER_S_PER_GPU, make_a
                          time_training)
 from attention_paths import time_paths  # noqa: E402
 from gpu_e2e import phase_e2e  # noqa: E402
-from train_gpt import (LIMIT_BYTES, artifact_parts, assemble, autocast, build_eval_model, build_model,  # noqa: E402
-                       code_bytes, collect_hessians, count_params, fit_int6, load_artifact, quantize_state)
+from artifact_codec import artifact_parts, assemble, fit_int6, quantize_state  # noqa: E402
+from train_gpt import (LIMIT_BYTES, autocast, build_eval_model, build_model, code_bytes, collect_hessians,  # noqa: E402
+                       count_params, load_artifact)
 
 RECORD_PARAMS, RECORD_MTP_PARAMS, RECORD_MODEL_BYTES = 28_042_332, 1_048_576, 15_865_748
 SMOKE_ENV = {"TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "EVAL_BATCH_SEQS": "8",
@@ -170,9 +171,9 @@ def phase_export(args, device, state: dict, seqs: int) -> dict:
     hessians = collect_hessians(model, tokens, args.train_seq_len, ctx)
     sync(device)
     times["calibration_s"], t = time.perf_counter() - t, time.perf_counter()
-    qstate = quantize_state(model, hessians, args.gptq_damp, args.gptq_block)
+    qstate = quantize_state(model.state_dict(), hessians, args.gptq_damp, args.gptq_block)
     times["gptq_quantize_s"], t = time.perf_counter() - t, time.perf_counter()
-    six, rest = artifact_parts(qstate, args)
+    six, rest = artifact_parts(qstate, args.meta())
     times["compress_s"], t = time.perf_counter() - t, time.perf_counter()
     blob = assemble(six, rest)
     fitted, zeroed, _ = fit_int6(qstate, hessians, int(len(six) * (1 - FIT_SHRINK)), args.fit_max_fraction)

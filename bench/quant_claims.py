@@ -32,6 +32,7 @@ import zstandard
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
+import artifact_codec as ac  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 CALIB, HELDOUT = 131072, 65536  # tokens; the bench calibrates on prefixes of CALIB
@@ -86,24 +87,24 @@ def load_seed(path):
 def quantized(model, H, bits, quant, damp=0.01, block=128, calib_scale=False):
     """quantize_state with the int6 matrices at `bits` (clip search, or GPTQ with Hessians H); calib_scale: GPTQ at
     the clip search's scales instead of the clip choice in the loop."""
-    qs, sd = tg.quantize_state(model), model.state_dict()
+    qs, sd = ac.quantize_state(model.state_dict()), model.state_dict()
     for n, e in qs.items():
         if e["kind"] != "int6" or (quant == "clip" and bits == 6):
             continue
         w, qmax = sd[n], QMAX[bits]
         if quant == "clip":
-            e["q"], e["scale"] = tg.quantize_rows(w, qmax)
+            e["q"], e["scale"] = ac.quantize_rows(w, qmax)
         elif calib_scale:
-            e["scale"] = tg.quantize_rows(w, qmax)[1]
-            e["q"] = tg.gptq_rows(w, H[n], e["scale"], qmax, block, damp).to(torch.int8)
+            e["scale"] = ac.quantize_rows(w, qmax)[1]
+            e["q"] = ac.gptq_rows(w, H[n], e["scale"], qmax, block, damp).to(torch.int8)
         else:
-            e["q"], e["scale"] = tg.quantize_rows(w, qmax, H[n], damp, block)
+            e["q"], e["scale"] = ac.quantize_rows(w, qmax, H[n], damp, block)
     return qs
 
 
 def roundtrip_bpb(qs, args, val, luts) -> float:
     """What the evaluation's final_int6_roundtrip line reports for this quantized state."""
-    m = tg.build_eval_model(args.arch(), tg.dequantize_state(qs), "bench", CPU).eval()
+    m = tg.build_eval_model(args.arch(), ac.dequantize_state(qs), "bench", CPU).eval()
     return tg.eval_val(tg.make_stats_fn(m, args), val, luts, args.eval_seq_len, args.val_batch_size, CTX)[1]
 
 
@@ -113,7 +114,7 @@ def layer_errors(model, qs, H) -> dict:
     for n, e in qs.items():
         if e["kind"] == "int6":
             W = sd[n].double()
-            E = W - tg.dequantize_rows(e["q"], e["scale"]).double()
+            E = W - ac.dequantize_rows(e["q"], e["scale"]).double()
             out[n] = ((E @ H[n]) * E).sum().item() / ((W @ H[n]) * W).sum().item()
     return out
 
@@ -208,10 +209,10 @@ def old_layout(qs, args) -> bytes:
 
 def grouped_layout(qs, args) -> tuple[bytes, bytes]:
     """train_gpt's two streams, uncompressed (its artifact_parts, with the compression undone)."""
-    return tuple(brotli.decompress(p) for p in tg.artifact_parts(qs, args))
+    return tuple(brotli.decompress(p) for p in ac.artifact_parts(qs, args.meta()))
 
 
-CODECS = {"lzma-9": lambda b: lzma.compress(b, preset=9), "brotli-11": lambda b: brotli.compress(b, **tg.BROTLI),
+CODECS = {"lzma-9": lambda b: lzma.compress(b, preset=9), "brotli-11": lambda b: brotli.compress(b, **ac.BROTLI),
           "zstd-22": lambda b: zstandard.ZstdCompressor(level=22).compress(b)}
 
 
@@ -247,7 +248,7 @@ def cmd_sizes(a):
         H = tg.collect_hessians(model, d["calib"][:args.gptq_calib_tokens], args.train_seq_len, CTX)
         for quant in ("clip", "gptq"):
             print(f"seed {d['seed']} {quant}", flush=True)
-            out[f"seed{d['seed']} {quant}"] = size_table(tg.quantize_state(model, H if quant == "gptq" else None), args)
+            out[f"seed{d['seed']} {quant}"] = size_table(ac.quantize_state(model.state_dict(), H if quant == "gptq" else None), args)
     Path(a.out, "sizes.json").write_text(json.dumps(out, indent=1))
 
 
@@ -272,9 +273,9 @@ def cmd_fit(a):
     work.mkdir(exist_ok=True)
     os.chdir(work)
     H = tg.collect_hessians(model, d["calib"][:args.gptq_calib_tokens], args.train_seq_len, CTX)
-    qs = tg.quantize_state(model, H)
-    six, rest = tg.artifact_parts(qs, args)
-    total = len(tg.assemble(six, rest)) + n_code
+    qs = ac.quantize_state(model.state_dict(), H)
+    six, rest = ac.artifact_parts(qs, args.meta())
+    total = len(ac.assemble(six, rest)) + n_code
     n6 = sum(e["q"].numel() for e in qs.values() if e["kind"] == "int6")
     rows = [{"target": total, "zeroed": 0, "fraction": 0.0, "total": total,
              "roundtrip_bpb": roundtrip_bpb(qs, args, val, luts)}]
@@ -282,7 +283,7 @@ def cmd_fit(a):
     for cut in a.cuts:
         for rule, hess in (("scale^2*H_jj", H), ("scale^2", None)):
             t = time.perf_counter()
-            fitted, k, size = tg.fit_int6(qs, hess, len(six) - cut, 1.0)
+            fitted, k, size = ac.fit_int6(qs, hess, len(six) - cut, 1.0)
             if fitted is None:
                 rows.append({"target": total - cut, "rule": rule, "over": True, "zeroed": k, "total": total - len(six) + size})
                 print(json.dumps(rows[-1]), flush=True)
@@ -350,7 +351,7 @@ def synthetic_state(cpu_model, args_to) -> dict:
             i = int(name.split(".")[1])
             src = name.replace(f"blocks.{i}.", f"blocks.{round(i * (n_cpu - 1) / max(args_to.num_layers - 1, 1))}.", 1)
         ref = cpu_sd.get(src)
-        if len(shape) == 2 and (name.endswith(tg.INT6_SUFFIXES) or math.prod(shape) > tg.SMALL_TENSOR):
+        if len(shape) == 2 and (name.endswith(ac.INT6_SUFFIXES) or math.prod(shape) > ac.SMALL_TENSOR):
             out[name] = synthetic_like(matrix_stats(ref), shape, g)
         elif ref is not None:
             flat = ref.flatten()
@@ -380,31 +381,31 @@ def cmd_record(a):
         twin = tg.GPT(cpu_args.arch())
         twin.load_state_dict(synthetic_state(cpu_model, cpu_args))
         print("trained CPU model / its synthetic twin", flush=True)
-        out["cpu_trained"] = size_table(tg.quantize_state(cpu_model), cpu_args, fast)
-        out["cpu_synthetic"] = size_table(tg.quantize_state(twin), cpu_args, fast)
+        out["cpu_trained"] = size_table(ac.quantize_state(cpu_model.state_dict()), cpu_args, fast)
+        out["cpu_synthetic"] = size_table(ac.quantize_state(twin.state_dict()), cpu_args, fast)
     if "time" in a.parts:
         args, model = record_model(cpu_model)
         t = time.perf_counter()
-        qs = tg.quantize_state(model)
+        qs = ac.quantize_state(model.state_dict())
         res = {"clip_quantize_s": time.perf_counter() - t}
         # GPTQ's time does not depend on H's values: H of Gaussian inputs, 4 rows per column
         H = {n: (lambda x: x.T @ x)(torch.randn(4 * e["q"].size(1), e["q"].size(1), dtype=torch.float64))
              for n, e in qs.items() if e["kind"] == "int6"}
         t = time.perf_counter()
-        qs = tg.quantize_state(model, H)
+        qs = ac.quantize_state(model.state_dict(), H)
         res["gptq_quantize_s"], t = time.perf_counter() - t, time.perf_counter()
-        six, rest = tg.artifact_parts(qs, args)
+        six, rest = ac.artifact_parts(qs, args.meta())
         res["brotli_s"], t = time.perf_counter() - t, time.perf_counter()
         res.update(int6_stream=len(six), rest_stream=len(rest), bits_per_param=8 * (len(six) + len(rest)) /
                    sum(e["value"].numel() if e["kind"] == "float" else e["q"].numel() for e in qs.values()))
         if "fit" in a.parts:  # 3 rounds of 8 parallel compressions: needs >= 8 free cores to take ~3 brotli_s
-            fitted, k, size = tg.fit_int6(qs, H, int(len(six) * 0.997), 0.02)
+            fitted, k, size = ac.fit_int6(qs, H, int(len(six) * 0.997), 0.02)
             res.update(fit_s=time.perf_counter() - t, fit_cut=len(six) - int(len(six) * 0.997), fit_zeroed=k, fit_bytes=size)
         out["record_time"] = res
         print(json.dumps(res), flush=True)
     if "codecs" in a.parts:
         args, model = record_model(cpu_model)
-        out["record_codecs"] = size_table(tg.quantize_state(model), args, CODECS, timings=True)
+        out["record_codecs"] = size_table(ac.quantize_state(model.state_dict()), args, CODECS, timings=True)
     out_path.write_text(json.dumps(out, indent=1, default=float))
 
 

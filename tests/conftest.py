@@ -91,7 +91,7 @@ def frozen_code(root: Path) -> Path:
     import shutil
     code = root / "code"
     code.mkdir()
-    for f in ("train_gpt.py", "backoff_mixer.py", "kg_data.py"):
+    for f in ("train_gpt.py", "artifact_codec.py", "backoff_mixer.py", "kg_data.py"):
         shutil.copy(ROOT / f, code / f)
     return code
 

@@ -18,6 +18,7 @@ import sentencepiece as spm
 import torch
 
 from conftest import frozen_code, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
+import artifact_codec
 import train_gpt
 from data.shards import write_shard  # noqa: E402
 from train_gpt import GPT, Hyperparameters
@@ -150,10 +151,10 @@ def heavy_rows(rows=64, cols=256, seed=0) -> torch.Tensor:
 
 def test_int6_rows_error_bound_and_clip_search():
     w = heavy_rows()
-    q, s = train_gpt.quantize_rows(w, 31)
+    q, s = artifact_codec.quantize_rows(w, 31)
     assert q.dtype == torch.int8 and int(q.abs().max()) <= 31 and s.dtype == torch.float16
     sf = s.float()[:, None]
-    deq = train_gpt.dequantize_rows(q, s)
+    deq = artifact_codec.dequantize_rows(q, s)
     torch.testing.assert_close(deq, q.float() * sf)
     inside = w.abs() <= 31 * sf  # entries the clip did not cut
     err = (w - deq).abs()
@@ -169,11 +170,11 @@ def test_int6_rows_error_bound_and_clip_search():
 
 def test_int8_rows_error_bound():
     w = heavy_rows(seed=1)
-    q, s = train_gpt.quantize_rows(w, 127)
+    q, s = artifact_codec.quantize_rows(w, 127)
     sf = s.float()[:, None]
     inside = w.abs() <= 127 * sf
     assert int(q.abs().max()) <= 127
-    assert ((w - train_gpt.dequantize_rows(q, s)).abs()[inside] <= (sf / 2).expand_as(w)[inside] * (1 + 1e-5)).all()
+    assert ((w - artifact_codec.dequantize_rows(q, s)).abs()[inside] <= (sf / 2).expand_as(w)[inside] * (1 + 1e-5)).all()
 
 
 INT6_NAME = re.compile(r"blocks\.\d+\.(attn\.(q|k|v|proj)|mlp\.(up|down))\.weight$")
@@ -182,7 +183,7 @@ INT6_NAME = re.compile(r"blocks\.\d+\.(attn\.(q|k|v|proj)|mlp\.(up|down))\.weigh
 def test_quantize_state_kinds():
     args = tiny_args(MODEL_DIM=128, BIGRAM_DIM=64, MTP_NUM_HEADS=2, ROPE_DIMS=16)
     model = random_model(args)
-    qs = train_gpt.quantize_state(model)
+    qs = artifact_codec.quantize_state(model.state_dict())
     sd = model.state_dict()
     assert not any(k.startswith("mtp_heads.") for k in qs) and any(k.startswith("mtp_heads.") for k in sd)
     assert set(qs) == {k for k in sd if not k.startswith("mtp_heads.")}
@@ -217,7 +218,7 @@ def test_roundtrip_loss_close_to_float_model(tmp_path):
         opt.step()
     model.eval()
     path = tmp_path / "m.ptz"
-    train_gpt.write_atomic(path, train_gpt.assemble(*train_gpt.artifact_parts(train_gpt.quantize_state(model), args)))
+    train_gpt.write_atomic(path, artifact_codec.assemble(*artifact_codec.artifact_parts(artifact_codec.quantize_state(model.state_dict()), args.meta())))
     meta, state = train_gpt.load_artifact(str(path))
     assert meta["config_hash"] == args.config_hash()
     rt = train_gpt.build_eval_model(meta["arch"], state, str(path), torch.device("cpu")).eval()
@@ -278,7 +279,7 @@ def test_cli_roundtrip_loss_close_to_post_ema(trained):
 def test_size_counts_mixer_file_when_used(trained):
     p, _ = eval_only(trained, "sizemix", USE_NGRAM_MIXER=1)
     names = [f.split("=")[0] for f in log_value(p.stdout, "code_bytes:", "files").split(",")]
-    assert names == ["train_gpt.py", "backoff_mixer.py"]
+    assert names == ["train_gpt.py", "artifact_codec.py", "backoff_mixer.py"]
     total = int(re.search(r"Total submission size int6\+lzma: (\d+) bytes", p.stdout).group(1))
     assert total == trained.artifact.stat().st_size + sum((trained.code / n).stat().st_size for n in names)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, frozen_code, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
+import artifact_codec as ac
 import train_gpt as tg
 
 
@@ -56,7 +57,7 @@ def test_gptq_equals_sequential_least_squares(block):
     W, X = correlated_layer(rows=12, cols=16, n=300)
     H = (X.T @ X).double()
     s = scale_at(W, 7, 0.9999)
-    q = tg.gptq_rows(W, H, s, 7, block, 0.0)
+    q = ac.gptq_rows(W, H, s, 7, block, 0.0)
     ref = sequential_least_squares(W, H, s, 7)
     assert torch.equal(q, ref.float())
     assert not torch.equal(q, torch.clamp(torch.round(W / s.float()[:, None]), -7, 7))  # the propagation mattered
@@ -66,7 +67,7 @@ def test_gptq_two_columns_by_hand():
     """2 columns, H = [[4, 2], [2, 2]] (diag 4 first): column 0 rounds 0.3 -> 0 (s = 1), error 0.3; the optimal
     continuous update of column 1 is w1 + e0 * H10/H11 = 0.4 + 0.3 = 0.7, which rounds to 1 (plain rounding: 0)."""
     H = torch.tensor([[4.0, 2.0], [2.0, 2.0]], dtype=torch.float64)
-    q = tg.gptq_rows(torch.tensor([[0.3, 0.4]]), H, torch.tensor([1.0]), 7, 128, 0.0)
+    q = ac.gptq_rows(torch.tensor([[0.3, 0.4]]), H, torch.tensor([1.0]), 7, 128, 0.0)
     assert q.tolist() == [[0.0, 1.0]]
 
 
@@ -74,9 +75,9 @@ def test_gptq_with_identity_hessian_is_plain_rounding():
     W, _ = correlated_layer()
     eye = torch.eye(W.size(1), dtype=torch.float64)
     s = scale_at(W, 31, 0.9995)
-    assert torch.equal(tg.gptq_rows(W, eye, s, 31, 16, 0.01), torch.clamp(torch.round(W / s.float()[:, None]), -31, 31))
-    q, scale = tg.quantize_rows(W, 31, eye, 0.01, 16)  # the clip choice in the loop reduces to the clip search
-    q_clip, scale_clip = tg.quantize_rows(W, 31)
+    assert torch.equal(ac.gptq_rows(W, eye, s, 31, 16, 0.01), torch.clamp(torch.round(W / s.float()[:, None]), -31, 31))
+    q, scale = ac.quantize_rows(W, 31, eye, 0.01, 16)  # the clip choice in the loop reduces to the clip search
+    q_clip, scale_clip = ac.quantize_rows(W, 31)
     assert torch.equal(q, q_clip) and torch.equal(scale, scale_clip)
 
 
@@ -84,11 +85,11 @@ def test_gptq_keeps_per_row_the_scale_of_least_output_error():
     """With H, each row's scale is the clip candidate whose GPTQ result has the least e H e^T (each candidate run alone)."""
     W, X = correlated_layer(n=2000)
     H = (X.T @ X).double()
-    q, s = tg.quantize_rows(W, 7, H, 0.01, 16)
+    q, s = ac.quantize_rows(W, 7, H, 0.01, 16)
     runs = []
-    for qt in tg.CLIP_QUANTILES:
+    for qt in ac.CLIP_QUANTILES:
         sc = scale_at(W, 7, qt)
-        e = W.double() - tg.gptq_rows(W, H, sc, 7, 16, 0.01).double() * sc.double()[:, None]
+        e = W.double() - ac.gptq_rows(W, H, sc, 7, 16, 0.01).double() * sc.double()[:, None]
         runs.append((sc, ((e @ H) * e).sum(1)))
     best = torch.stack([r[1] for r in runs]).argmin(0)
     assert torch.equal(s, torch.stack([r[0] for r in runs])[best, torch.arange(len(best))])
@@ -100,9 +101,9 @@ def test_gptq_reduces_the_layer_output_error(qmax):
     """||X W^T - X Ŵ^T||^2 from X itself, on held-out rows of X (the Hessian saw the other rows only)."""
     W, X = correlated_layer(n=6000)
     fit, held = X[:3000], X[3000:]
-    err = lambda q, s: ((held @ W.T - held @ tg.dequantize_rows(q, s).T).square().sum() / (held @ W.T).square().sum()).item()
-    clip = err(*tg.quantize_rows(W, qmax))
-    gptq = err(*tg.quantize_rows(W, qmax, (fit.T @ fit).double(), 0.01, 16))
+    err = lambda q, s: ((held @ W.T - held @ ac.dequantize_rows(q, s).T).square().sum() / (held @ W.T).square().sum()).item()
+    clip = err(*ac.quantize_rows(W, qmax))
+    gptq = err(*ac.quantize_rows(W, qmax, (fit.T @ fit).double(), 0.01, 16))
     assert gptq < 0.7 * clip, (gptq, clip)
 
 
@@ -116,7 +117,7 @@ def test_quant_bits_sets_the_int6_group_width(bits):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
-    qs = tg.quantize_state(model, bits=args.quant_bits)
+    qs = ac.quantize_state(model.state_dict(), bits=args.quant_bits)
     six = max(int(e["q"].abs().max()) for e in qs.values() if e["kind"] == "int6")
     eight = max(int(e["q"].abs().max()) for e in qs.values() if e["kind"] == "int8")
     assert six == {4: 7, 6: 31}[bits] and eight == 127
@@ -141,7 +142,7 @@ def test_hessians_are_the_input_gram_matrices():
         model.hidden(tokens.view(-1, 16))
     for h in hooks:
         h.remove()
-    assert set(H) == {n for n in model.state_dict() if n.endswith(tg.INT6_SUFFIXES)}
+    assert set(H) == {n for n in model.state_dict() if n.endswith(ac.INT6_SUFFIXES)}
     for name, h in H.items():
         x = torch.cat(seen[name[:-7]]).double()
         torch.testing.assert_close(h, x.T @ x, rtol=1e-5, atol=1e-6)
@@ -161,10 +162,10 @@ def test_grouped_layout_roundtrips_every_tensor_bitwise():
               "b.weight": {"kind": "int6", "q": torch.randint(-31, 32, (2, 3), generator=g, dtype=torch.int8),
                            "scale": torch.rand(2, generator=g).half()}}
     args = tg.Hyperparameters({}, preset="cpu")
-    six, rest = (brotli.decompress(b) for b in tg.artifact_parts(qstate, args))
+    six, rest = (brotli.decompress(b) for b in ac.artifact_parts(qstate, args.meta()))
     assert six == qstate["a.weight"]["q"].numpy().tobytes() + qstate["b.weight"]["q"].numpy().tobytes()
     assert len(rest.split(b"\n", 1)[1]) == 9 * 4 + 2 * (7 + 9 + 2) + 2 * 18 + 4 * 11 + 4
-    meta, back = tg.unpack(six, rest)
+    meta, back = ac.unpack(six, rest)
     assert meta == {"arch": args.arch(), "config_hash": args.config_hash()} and list(back) == list(qstate)
     for name, e in qstate.items():
         for key, t in e.items():
@@ -178,15 +179,15 @@ def test_fit_zeroes_the_cheapest_ones_first_and_fits():
     q = torch.clamp(torch.round(torch.randn(64, 96, generator=g) * 2), -31, 31).to(torch.int8)
     scale, h = torch.rand(64, generator=g).half() + 0.1, torch.rand(96, generator=g).double() + 0.1
     qstate = {"w": {"kind": "int6", "q": q, "scale": scale}, "f": {"kind": "float", "value": torch.ones(3)}}
-    size = len(brotli.compress(q.numpy().tobytes(), **tg.BROTLI))
-    stream, k, nbytes = tg.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.2)
+    size = len(brotli.compress(q.numpy().tobytes(), **ac.BROTLI))
+    stream, k, nbytes = ac.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.2)
     assert stream is not None and nbytes == len(stream) <= size - 100 and 0 < k <= 0.2 * q.numel()
     out = torch.frombuffer(bytearray(brotli.decompress(stream)), dtype=torch.int8).view_as(q)
     zeroed = (q.abs() == 1) & (out == 0)
     assert zeroed.sum() == k and torch.equal(out[~zeroed], q[~zeroed])
     cost = (scale.float()[:, None] ** 2 * h.float()[None, :])
     assert cost[zeroed].max() <= cost[(q.abs() == 1) & ~zeroed].min()  # the cheapest first
-    assert tg.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.001)[0] is None  # 0.1% cannot save 100 B
+    assert ac.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.001)[0] is None  # 0.1% cannot save 100 B
 
 
 # ----------------------------------------------------------------------------- CLI: fit to the cap
@@ -244,7 +245,7 @@ def test_over_cap_keeps_the_model_evaluates_it_and_exits_4(unfitted):
     total, by = map(int, re.search(rf"total (\d+) bytes exceeds TARGET_BYTES={target} by (\d+) ", over[0]).groups())
     assert total - target == by > 0
     logged = int(re.search(r"^Total submission size int6\+lzma: (\d+) bytes$", p.stdout, re.M).group(1))
-    assert logged == total == kept.stat().st_size + (unfitted.code / "train_gpt.py").stat().st_size
+    assert logged == total == kept.stat().st_size + sum((unfitted.code / f).stat().st_size for f in ("train_gpt.py", "artifact_codec.py"))
     assert finals(p.stdout) == finals(unfitted.out)  # evaluated, and it is the unfitted model
     assert re.match(r"run_complete total_time:\S+ NOT a valid submission \(over_cap\)$", p.stdout.splitlines()[-1])
 
@@ -252,6 +253,7 @@ def test_over_cap_keeps_the_model_evaluates_it_and_exits_4(unfitted):
 # ----------------------------------------------------------------------------- 1 rank == 2 gloo ranks
 EXPORT = '''import sys, torch
 sys.path.insert(0, sys.argv[1])
+import artifact_codec as ac
 import train_gpt as tg
 args = tg.Hyperparameters()
 ctx = tg.DistContext(args)

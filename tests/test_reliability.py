@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SCRIPT, make_dataset, run_cli, snapshot, tiny_env_for
+import artifact_codec
 import train_gpt
 from data.shards import write_shard  # noqa: E402
 
@@ -68,7 +69,7 @@ def other_meta_artifact(w):
     head = json.loads(head)
     head["meta"]["arch"]["MODEL_DIM"] = 128
     path = w.root / "other.ptz"
-    path.write_bytes(raw[:n] + brotli.compress(json.dumps(head).encode() + b"\n" + body, **train_gpt.BROTLI))
+    path.write_bytes(raw[:n] + brotli.compress(json.dumps(head).encode() + b"\n" + body, **artifact_codec.BROTLI))
     return {"EVAL_ONLY": "1", "ARTIFACT": str(path), "MODEL_DIM": "128"}  # matches the edited meta
 
 
@@ -86,7 +87,7 @@ def vocab512_artifact(w):
     env = {k: v for k, v in w.env.items() if k in {h.name for h in train_gpt.HPARAMS}}
     args = train_gpt.Hyperparameters(dict(env, VOCAB_SIZE="512"), preset="cpu")
     path = w.root / "v512.ptz"
-    path.write_bytes(train_gpt.assemble(*train_gpt.artifact_parts(train_gpt.quantize_state(train_gpt.build_model(args)), args)))
+    path.write_bytes(artifact_codec.assemble(*artifact_codec.artifact_parts(artifact_codec.quantize_state(train_gpt.build_model(args).state_dict()), args.meta())))
     return {"EVAL_ONLY": "1", "ARTIFACT": str(path)}
 
 
@@ -94,7 +95,7 @@ def corrupt_kg(w):
     """A copy of the code whose kg_data payload is damaged (the base64 is cut short)."""
     code = w.root / "code"
     code.mkdir()
-    for f in ("train_gpt.py", "backoff_mixer.py", "kg_data.py"):
+    for f in ("train_gpt.py", "artifact_codec.py", "backoff_mixer.py", "kg_data.py"):
         shutil.copy(ROOT / f, code / f)
     text = (code / "kg_data.py").read_text()
     m = re.search(r'KG_IMPORTANCE_B64 = \(\n    "([^"]+)"', text)
