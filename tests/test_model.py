@@ -143,8 +143,8 @@ def test_lr_multiplier_schedule():
     (dict(MODEL_DIM="36", NUM_HEADS="4", ROPE_DIMS="4"), "is odd"),
     (dict(ITERATIONS="ten"), "not a valid int"),
     (dict(EVAL_STRIDE="0"), "must be >= 1"),
-    (dict(NGRAM_ORDER="1"), "must be >= 2"),
-    (dict(NGRAM_RULE="hashed"), "NGRAM_RULE='hashed' must be one of"),
+    (dict(NGRAM_ORDER="1", USE_NGRAM_MIXER="1"), "must be >= 2"),  # mixer settings are checked when it runs
+    (dict(NGRAM_RULE="hashed", USE_NGRAM_MIXER="1"), "NGRAM_RULE='hashed' must be one of"),
     (dict(ATTENTION="flex"), "ATTENTION='flex' must be one of auto, fa3, sdpa"),
 ])
 def test_bad_hyperparameters_are_one_clear_error(env, phrase):
