@@ -69,7 +69,7 @@ CHECKS = {">=1": (lambda v: v >= 1, "must be >= 1"), ">=0": (lambda v: v >= 0, "
 # sample dataset. Any env var wins.
 HPARAMS = [
     # data and run
-    HP("DATA_PATH", "./data/datasets/fineweb10B_sp1024", role="run"),
+    HP("DATA_PATH", "./data/datasets/fineweb10B_sp1024", role="run"),  # "sample": the built-in sample dataset
     HP("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", role="run"),
     HP("RUN_ID", "", role="run"),
     HP("SEED", 1337, role="run"),
@@ -439,10 +439,13 @@ def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
 
 
 def resolve_data(args: Hyperparameters, log) -> bool:
-    """Pick the dataset: FineWeb at DATA_PATH, else (DATA_PATH not set) the built-in sample. True = sample."""
-    if "DATA_PATH" in args.explicit or Path(args.data_path).is_dir():
+    """Pick the dataset: FineWeb at DATA_PATH; the built-in sample with DATA_PATH=sample, or on a CPU when DATA_PATH is
+    unset and FineWeb absent. A record run (CUDA) never falls back to the sample silently. True = sample."""
+    cuda = args.preset == "record" or torch.cuda.is_available()
+    if args.data_path != "sample" and ("DATA_PATH" in args.explicit or Path(args.data_path).is_dir() or cuda):
         if not Path(args.data_path).is_dir():
-            raise UserError(f"DATA_PATH={args.data_path} does not exist; fix the path or unset DATA_PATH to use the sample dataset")
+            raise UserError(f"DATA_PATH={args.data_path} does not exist (cwd {os.getcwd()}); fetch FineWeb (python data/cached_"
+                            f"challenge_fineweb.py --train-shards 80), fix DATA_PATH, or set DATA_PATH=sample for the sample dataset")
         return False
     if not Path(SAMPLE_DATA_PATH).is_dir() or not Path(SAMPLE_TOKENIZER_PATH).is_file():
         log(f"data: FineWeb not found at {args.data_path}; building the sample dataset (data/build_sample_dataset.py)")
