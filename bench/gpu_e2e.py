@@ -122,10 +122,10 @@ def estimate_8gpu_eval(text: str, env_extra: dict | None, device: torch.device) 
     try:
         measured, _ = rates_from_runs(sorted(glob.glob(str(ROOT / "docs" / "gpu_runs" / "*.json"))), kind)
         rates = complete({**measured, **rates_from_e2e(text)})
-    except UserError as e:
+        args = Hyperparameters(dict(env_extra or {}), preset="record")
+    except UserError as e:   # the e2e phase's own results still count
         return {"est_error": str(e)}
-    phases = [p for p in plan(Hyperparameters(dict(env_extra or {}), preset="record"), rates, GPUS, FULL_VAL_TOKENS)
-              if p.clock == "evaluation"]
+    phases = [p for p in plan(args, rates, GPUS, FULL_VAL_TOKENS) if p.clock == "evaluation"]
     est = {p.key: p.seconds for p in phases}
     est["total"] = sum(est.values())
     return {"est_8gpu_eval_s": est, "est_basis": {p.key: p.basis for p in phases},

@@ -488,3 +488,15 @@ def test_time_plan_rates_from_an_e2e_log():
     assert math.isclose(got["sliding"], 969_057 / 8 / wps) and got["scorer_compile"] == 42.0
     assert math.isclose(got["ttt_train"], 946 * 3 * 65_536 / 8 / (49_152 / 0.060))
     assert math.isclose(got["mixer"], 62_021_631 / 5e6) and math.isclose(got["calibration"], 262_144 / 8 / 131_072)
+
+
+def test_time_plan_export_rates_from_a_check_json():
+    """The export's rates: the export phase's (calibrating the record preset's 262,144 tokens), overridden by the e2e
+    phase's (a trained model through the real export; its export line names the calibration's token count)."""
+    results = dict(SYNTH_RUN["results"], export={"calibration_s": 1.0, "gptq_quantize_s": 8.0, "fit_s": 50.0},
+                   e2e={"calibration_s": 0.5, "quantize_s": 4.0, "compress_s": 20.0,
+                        "export_line": "export quant:gptq calibration:131072 tokens in 0.5s quantize:4.0s brotli:20.0s"})
+    r = rates_from_results(results, "x.json")
+    assert (r["calib_tokens_per_s"].value, r["gptq_s"].value, r["compress_s"].value, r["fit_s"].value) == (262_144, 4.0, 20.0, 50.0)
+    assert r["gptq_s"].basis == "measured: x.json e2e.quantize_s" and r["fit_s"].basis == "measured: x.json export.fit_s"
+    assert rates_from_results(dict(SYNTH_RUN["results"], export={"calibration_s": 1.0}), "x")["calib_tokens_per_s"].value == 262_144

@@ -16,7 +16,8 @@ measured falls back to a stated estimate, marked `estimate:` (what it stands on)
 Windows and tokens shard evenly over the gpus; collectives are not included (one GPU measures none). A clock that
 breaks (training 600 s; evaluation 600 s and EVAL_BUDGET_SECONDS where train_gpt.py has it) is flagged: exit 1.
 bench/gpu_e2e.py plans the evaluation the same way, with the rates its own train_gpt.py log measured (rates_from_e2e).
-The lead's GPU check can call rates_from_results (one gpu_check JSON's results), complete, plan and clocks directly.
+The GPU check can call rates_from_results (one gpu_check JSON's results; its e2e log through rates_from_e2e),
+complete, plan and clocks directly.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from train_gpt import Hyperparameters, UserError  # noqa: E402
 
 FULL_VAL_TOKENS, GPUS, LIMIT_S = 62_021_632, 8, 600.0
 MEASURED_SEQ_LEN = 2048  # gpu_check's eval windows; other window lengths scale the window rate by 2048 / L
+RECORD_CALIB_TOKENS = 262_144  # GPTQ_CALIB_TOKENS of the record preset, which gpu_check's export phase calibrates
 # What no GPU run has measured yet, with what each guess stands on (docs/artifact.md section 4: CPU timings).
 ESTIMATES = {
     "gptq_s": (10.0, "GPTQ of the 66 int6 matrices on one GPU, a guess; 49.2 s on 2 CPU cores (docs/artifact.md)"),
@@ -65,7 +67,7 @@ def rates_from_results(results: dict, source: str) -> dict[str, Rate]:
     """The one-GPU rates a gpu_check JSON's "results" measured (absent phases, or phases that failed, give none)."""
     r = {k: v for k, v in results.items() if isinstance(v, dict) and "error" not in v}
     out: dict[str, Rate] = {}
-    tr, ev, ttt, mx, ex = (r.get(k, {}) for k in ("train", "eval", "ttt", "mixer", "export"))
+    tr, ev, ttt, mx, ex, e2e = (r.get(k, {}) for k in ("train", "eval", "ttt", "mixer", "export", "e2e"))
     if tr.get("tokens_per_s"):
         out["train_tokens_per_s"] = Rate(tr["tokens_per_s"], f"measured: {source} train.tokens_per_s "
                                          f"({tr['ms_per_step']:.1f} ms per {tr['tokens_per_step']:,}-token step)")
@@ -90,10 +92,16 @@ def rates_from_results(results: dict, source: str) -> dict[str, Rate]:
         rule = mx.get("rule", "before rule online")
         out["mixer_tokens_per_s"] = Rate(mx["stream_tokens"] / mx["whole_stream_s"], f"measured: {source} "
                                          f"mixer.whole_stream_s {mx['whole_stream_s']:.1f} for {mx['stream_tokens']:,} tokens ({rule})")
-    for key, name in (("calibration_s", "calib_s"), ("gptq_quantize_s", "gptq_s"), ("compress_s", "compress_s"),
-                      ("fit_s", "fit_s"), ("load_s", "load_s")):
-        if ex.get(key) is not None:
-            out[name] = Rate(ex[key], f"measured: {source} export.{key}")
+    for phase, d, keys in (("export", ex, {"gptq_quantize_s": "gptq_s", "compress_s": "compress_s", "fit_s": "fit_s",
+                                           "load_s": "load_s"}),
+                           ("e2e", e2e, {"quantize_s": "gptq_s", "compress_s": "compress_s"})):  # e2e: a trained model
+        out.update({name: Rate(d[key], f"measured: {source} {phase}.{key}") for key, name in keys.items()
+                    if d.get(key) is not None})
+        m = re.search(r"calibration:(\d+) tokens", d.get("export_line") or "")  # e2e's export line names its count
+        tokens = int(m.group(1)) if m else RECORD_CALIB_TOKENS   # the export phase calibrates the record preset's
+        if d.get("calibration_s"):
+            out["calib_tokens_per_s"] = Rate(tokens / d["calibration_s"], f"measured: {source} {phase}.calibration_s "
+                                             f"{d['calibration_s']:.2f} for {tokens:,} tokens")
     return out
 
 
@@ -197,7 +205,7 @@ def plan(args: Hyperparameters, rates: dict[str, Rate], gpus: int = GPUS, val_to
     ]
     if args.quant == "gptq":
         phases += [Phase("calibration", "GPTQ calibration", "training", args.gptq_calib_tokens / G / r["calib_tokens_per_s"].value,
-                         r.get("calib_s", r["calib_tokens_per_s"]).basis),
+                         r["calib_tokens_per_s"].basis),
                    Phase("gptq", "GPTQ quantization (rank 0)", "training", r["gptq_s"].value, r["gptq_s"].basis)]
     phases += [Phase("compress", "export: compression (rank 0)", "", r["compress_s"].value, r["compress_s"].basis),
                Phase("fit", "export: size search (rank 0)", "", r["fit_s"].value, r["fit_s"].basis),
