@@ -12,12 +12,14 @@ on a CPU (a small preset on the built-in sample dataset). Every number is an env
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import glob
 import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import re
@@ -67,7 +69,7 @@ CHECKS = {">=1": (lambda v: v >= 1, "must be >= 1"), ">=0": (lambda v: v >= 0, "
 # sample dataset. Any env var wins.
 HPARAMS = [
     # data and run
-    HP("DATA_PATH", "./data/datasets/fineweb10B_sp1024", role="run"),
+    HP("DATA_PATH", "./data/datasets/fineweb10B_sp1024", role="run"),  # "sample": the built-in sample dataset
     HP("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", role="run"),
     HP("RUN_ID", "", role="run"),
     HP("SEED", 1337, role="run"),
@@ -254,7 +256,9 @@ def layer_ids(spec: str) -> list[int]:
 
 def mixer_settings(args: Hyperparameters) -> dict:
     """The BackoffNgramMixer keywords of the "mixer:" settings, checked by the mixer module itself (no table
-    allocated, no kernel compiled); a rejected value is named by its env var."""
+    allocated, no kernel compiled); a rejected value is named by its env var. Mixer off: {}, and no import (not counted)."""
+    if not args.use_ngram_mixer:
+        return {}
     from backoff_mixer import SettingError, check_settings
     mixer = {h.role[6:]: h.name for h in HPARAMS if h.role.startswith("mixer:")}
     kw = {k: getattr(args, name.lower()) for k, name in mixer.items()}
@@ -435,10 +439,13 @@ def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
 
 
 def resolve_data(args: Hyperparameters, log) -> bool:
-    """Pick the dataset: FineWeb at DATA_PATH, else (DATA_PATH not set) the built-in sample. True = sample."""
-    if "DATA_PATH" in args.explicit or Path(args.data_path).is_dir():
+    """Pick the dataset: FineWeb at DATA_PATH; the built-in sample with DATA_PATH=sample, or on a CPU when DATA_PATH is
+    unset and FineWeb absent. A record run (CUDA) never falls back to the sample silently. True = sample."""
+    cuda = args.preset == "record" or torch.cuda.is_available()
+    if args.data_path != "sample" and ("DATA_PATH" in args.explicit or Path(args.data_path).is_dir() or cuda):
         if not Path(args.data_path).is_dir():
-            raise UserError(f"DATA_PATH={args.data_path} does not exist; fix the path or unset DATA_PATH to use the sample dataset")
+            raise UserError(f"DATA_PATH={args.data_path} does not exist (cwd {os.getcwd()}); fetch FineWeb (python data/cached_"
+                            f"challenge_fineweb.py --train-shards 80), fix DATA_PATH, or set DATA_PATH=sample for the sample dataset")
         return False
     if not Path(SAMPLE_DATA_PATH).is_dir() or not Path(SAMPLE_TOKENIZER_PATH).is_file():
         log(f"data: FineWeb not found at {args.data_path}; building the sample dataset (data/build_sample_dataset.py)")
@@ -1078,14 +1085,26 @@ def build_eval_model(arch: dict, state: dict, path: str, device) -> GPT:
     return model.to(device)
 
 
-def code_files(args: Hyperparameters) -> list[str]:
-    """Every code file the evaluation imports: counted in the submission size."""
-    return ["train_gpt.py", "artifact_codec.py"] + (["backoff_mixer.py"] if args.use_ngram_mixer else []) + (["kg_data.py"] if args.kg_init else [])
+def code_files() -> list[str]:
+    """The run's code: every file beside train_gpt.py that this process imported (train_gpt.py first)."""
+    files = [getattr(m, "__file__", None) for m in list(sys.modules.values())]  # some are relative (torch._classes)
+    loaded = {Path(f).resolve() for f in files if isinstance(f, str) and os.path.isabs(f)}
+    return sorted((p.name for p in loaded if p.parent == ROOT), key=lambda name: (name != "train_gpt.py", name))
 
 
-def code_bytes(args: Hyperparameters) -> tuple[int, str]:
-    sizes = {f: (ROOT / f).stat().st_size for f in code_files(args)}
-    return sum(sizes.values()), ",".join(f"{f}={n}" for f, n in sizes.items())
+def pack_code(files: list[str], root: Path = ROOT) -> bytes:
+    """The self-extracting train_gpt.py a record ships and the run counts (the same files, the same bytes): see stub."""
+    blob = lzma.compress(json.dumps({f: (root / f).read_bytes().decode() for f in files}).encode(), preset=9)
+    stub = ('import base64,hashlib,json,lzma,os,runpy,sys,tempfile\nb=lzma.decompress(base64.b85decode("B85"))\n'
+            'd=os.path.join(tempfile.gettempdir(),"pgolf_code_"+hashlib.sha256(b).hexdigest()[:16])\nos.makedirs(d,exist_ok=True)\n'
+            'for n,s in json.loads(b).items():\n t=os.path.join(d,f".{n}.{os.getpid()}")\n open(t,"wb").write(s.encode())\n'
+            ' os.replace(t,os.path.join(d,n))\nsys.argv[0]=os.path.join(d,"train_gpt.py")\nrunpy.run_path(sys.argv[0],run_name="__main__")\n')
+    return stub.replace("B85", base64.b85encode(blob).decode(), 1).encode()
+
+
+def code_bytes() -> tuple[int, int, str]:
+    sizes = {f: (ROOT / f).stat().st_size for f in code_files()}  # (packed bytes, raw bytes, "file=raw bytes,...")
+    return len(pack_code(list(sizes))), sum(sizes.values()), ",".join(f"{f}={n}" for f, n in sizes.items())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -1302,7 +1321,9 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
                                         max(args.eval_seq_len, args.train_seq_len) + 1)
     if args.eval_dump and ctx.rank == 0:
         check_writable(args.eval_dump, "EVAL_DUMP")
-    n_code, detail = code_bytes(args)
+    if args.kg_init and not args.eval_only:
+        import kg_data  # noqa: F401  (the KG init's module, imported before the code below is counted)
+    n_code, n_raw, detail = code_bytes()
     if not args.eval_only:
         calib = sum(map(read_shard_header, list_shards(pattern := os.path.join(args.data_path, "fineweb_train_*.bin"))))
         if args.target_bytes <= n_code:
@@ -1327,9 +1348,8 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
         log(f"mtp_params:{mtp}")
         if args.kg_init:
             try:
-                import kg_data
                 kg_data.kg_embedding_init(model.tok_emb.weight.data, args.kg_init_strength, args.vocab_size)
-            except (ImportError, ValueError) as e:
+            except ValueError as e:
                 raise UserError(f"KG_INIT=1 cannot use kg_data.py: {e}") from None
             log(f"kg_init:1 strength:{args.kg_init_strength} tokens:{len(kg_data.token_importance())}")
         model.set_attention_backend(attention)
@@ -1339,7 +1359,7 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
         log(f"post_ema val_loss:{loss:.4f} val_bpb:{bpb:.4f} steps:{steps}")
         artifact, over = export(model, args, stream, ctx, log, run_id, n_code)
     model_bytes = Path(artifact).stat().st_size if ctx.rank == 0 else 0
-    log(f"code_bytes:{n_code} files:{detail}")
+    log(f"code_bytes:{n_code} raw_bytes:{n_raw} files:{detail}")
     log(f"Total submission size int6+lzma: {model_bytes + n_code} bytes")
     if ctx.rank == 0 and model_bytes + n_code > LIMIT_BYTES:
         log(f"WARNING: submission size {model_bytes + n_code} exceeds the {LIMIT_BYTES}-byte limit: NOT a valid submission")

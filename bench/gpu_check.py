@@ -196,7 +196,7 @@ def phase_export(args, device, state: dict, seqs: int) -> dict:
     orig = {k: v.float().cpu() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
     err = max(((orig[k] - v.cpu()).abs().max() / orig[k].abs().max().clamp_min(1e-12)).item() for k, v in sd.items())
     state["eval_model"] = eval_model
-    n_code, _ = code_bytes(args)
+    n_code = code_bytes()[0]
     return {"artifact_bytes": len(blob), "code_bytes": n_code, "total_bytes": len(blob) + n_code,
             "under_limit": len(blob) + n_code <= LIMIT_BYTES, "serialize_s": serialize_s, "load_s": load_s, **times,
             "loss_before": before, "loss_after": after, "loss_delta": after - before, "max_rel_weight_err": err,

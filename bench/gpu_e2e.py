@@ -8,7 +8,8 @@ steps (a smaller batch than the record's 786,432 tokens, so that >= 1,500 steps 
 (GPTQ, brotli, fit to TARGET_BYTES) and the real evaluation (sliding windows, test-time training, the online mixer) on
 a VAL-token validation stream, and reads its log: artifact bytes and bits per parameter, values zeroed by the fit, the
 export's phase times, the evaluation's time split, and from those the 8xH100 estimate of the full evaluation
-(62,021,632 tokens): the sliding pass and TTT training shard over 8 GPUs, the mixer runs on one.
+(62,021,632 tokens) by tools/time_plan.py: this run's rates (window rate, TTT rate, export) with compilation kept
+apart as a fixed cost, the rest from docs/gpu_runs/ (the mixer's full-stream rate among them), the record's settings.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT), str(ROOT / "tools")]
 from make_submission import parse_log  # noqa: E402
 from synth_stream import build  # noqa: E402
-from train_gpt import load_data_shard  # noqa: E402
+from time_plan import FULL_VAL_TOKENS, GPUS, LIMIT_S, complete, plan, rates_from_e2e, rates_from_runs  # noqa: E402
+from train_gpt import Hyperparameters, UserError, load_data_shard  # noqa: E402
 
-FULL_VAL_TOKENS, GPUS, EVAL_LIMIT_S, EVAL_BUDGET_S = 62_021_632, 8, 600.0, 540.0
+EVAL_BUDGET_S = 540.0
 RECORD_BITS_PER_PARAM = (4.59, 4.72)   # this stack's trained int6 models, published records
 NUM = r"([-+0-9.eE]+)"
 
@@ -108,11 +110,23 @@ def phase_e2e(device: torch.device, log, timeout_s: float, steps: int, batch_tok
     split = {k: grab(text, rf"eval_time_split .*{k}:" + NUM + "s") for k in ("no_ttt_pass", "sliding", "ttt_train", "mixer")}
     res["eval_split_s"] = split
     if all(v is not None for v in split.values()):
-        scale = FULL_VAL_TOKENS / val_tokens
-        est = {"no_ttt_pass": split["no_ttt_pass"] * scale / GPUS, "sliding": split["sliding"] * scale / GPUS,
-               "ttt_train": split["ttt_train"] * scale / GPUS, "mixer": split["mixer"] * scale,
-               "roundtrip": (run.roundtrip_eval_ms or 0) / 1000 * scale / GPUS}
-        est["total"] = sum(est.values())
-        res.update(est_8gpu_eval_s=est, est_ratio_to_limit=est["total"] / EVAL_LIMIT_S,
-                   est_within_budget=est["total"] <= EVAL_BUDGET_S)
+        res.update(estimate_8gpu_eval(text, env_extra, device))
     return res
+
+
+def estimate_8gpu_eval(text: str, env_extra: dict | None, device: torch.device) -> dict:
+    """The record evaluation on 8 GPUs by tools/time_plan.py: this log's rates over docs/gpu_runs/'s (this GPU's
+    kind where there are some), the record's settings with the run's own overrides."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    kind = next((k for k in ("H100", "H200") if k in name), "")
+    try:
+        measured, _ = rates_from_runs(sorted(glob.glob(str(ROOT / "docs" / "gpu_runs" / "*.json"))), kind)
+        rates = complete({**measured, **rates_from_e2e(text)})
+        args = Hyperparameters(dict(env_extra or {}), preset="record")
+    except UserError as e:   # the e2e phase's own results still count
+        return {"est_error": str(e)}
+    phases = [p for p in plan(args, rates, GPUS, FULL_VAL_TOKENS) if p.clock == "evaluation"]
+    est = {p.key: p.seconds for p in phases}
+    est["total"] = sum(est.values())
+    return {"est_8gpu_eval_s": est, "est_basis": {p.key: p.basis for p in phases},
+            "est_ratio_to_limit": est["total"] / LIMIT_S, "est_within_budget": est["total"] <= EVAL_BUDGET_S}

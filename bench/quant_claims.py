@@ -268,7 +268,7 @@ def cmd_fit(a):
     QUANT=clip's rule on the same GPTQ codes), then the round-trip BPB of what it wrote, read back by load_artifact."""
     d, args, model = load_seed(Path(a.out) / "seed1337.pt")
     _, _, val, luts = setup(d["seed"])
-    n_code = tg.code_bytes(args)[0]
+    n_code = tg.code_bytes()[0]
     work = Path(a.out) / "fit"
     work.mkdir(exist_ok=True)
     os.chdir(work)

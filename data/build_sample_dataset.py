@@ -131,13 +131,13 @@ def split_val(docs: list[str]) -> list[bool]:
     return is_val
 
 
-def train_tokenizer(texts: list[str]) -> bytes:
+def train_tokenizer(texts: list[str], settings: dict = TRAINER_SETTINGS) -> bytes:
     """Serialized SentencePiece model trained single-threaded with a fixed seed (reproducible bytes)."""
     spm.set_random_generator_seed(SEED)
     model = io.BytesIO()
     lines = (line for text in texts for line in text.splitlines() if line.strip())
     spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, num_threads=1,
-                                   max_sentence_length=8192, minloglevel=2, **TRAINER_SETTINGS)
+                                   max_sentence_length=8192, minloglevel=2, **settings)
     return model.getvalue()
 
 
@@ -158,18 +158,28 @@ def write_split(out_dir: Path, split: str, tokens: np.ndarray, shard_tokens: int
     return names
 
 
-def build(data_dir: Path, tokenizer_path: Path, max_chars: int | None, shard_tokens: int) -> dict:
-    """Build tokenizer and shards; the dataset folder is swapped in whole, the tokenizer written last."""
+def stdlib_documents(max_chars: int | None) -> list[str]:
+    """The sample's text: documents of the running Python's standard library (see the module docstring)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     docs = collect_documents(stdlib, max_chars)
     if not docs:
         raise SystemExit(f"error: no usable text found in the standard library at {stdlib}")
-    is_val = split_val(docs)
+    return docs
+
+
+SOURCE = "docstrings, signatures and comments of the CPython standard library (not FineWeb)"
+
+
+def build(data_dir: Path, tokenizer_path: Path, docs: list[str], shard_tokens: int, settings: dict = TRAINER_SETTINGS,
+          source: str = SOURCE, is_val: list[bool] | None = None) -> dict:
+    """Tokenizer (trained on the train documents with `settings`) and shards of docs (val: is_val, default split_val);
+    the dataset folder is swapped in whole, the tokenizer written last."""
+    is_val = is_val or split_val(docs)
     train_docs = [d for d, v in zip(docs, is_val) if not v]
     val_docs = [d for d, v in zip(docs, is_val) if v]
 
     tokenizer_path.unlink(missing_ok=True)  # a build cut short leaves no tokenizer, so it is seen as absent
-    model = train_tokenizer(train_docs)
+    model = train_tokenizer(train_docs, settings)
     sp = spm.SentencePieceProcessor(model_proto=model)
     train_tokens, val_tokens = encode_documents(sp, train_docs), encode_documents(sp, val_docs)
     val_share = val_tokens.size / (val_tokens.size + train_tokens.size)
@@ -180,13 +190,13 @@ def build(data_dir: Path, tokenizer_path: Path, max_chars: int | None, shard_tok
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     manifest = {
-        "source": "docstrings, signatures and comments of the CPython standard library (not FineWeb)",
+        "source": source,
         "python_version": sys.version.split()[0],
         "python_implementation": sys.implementation.name,
         "corpus_sha256": hashlib.sha256("\0".join(docs).encode()).hexdigest(),
         "tokenizer": tokenizer_path.name,
         "tokenizer_sha256": hashlib.sha256(model).hexdigest(),
-        "tokenizer_settings": TRAINER_SETTINGS,
+        "tokenizer_settings": settings,
         "vocab_size": sp.vocab_size(),
         "bos_id": sp.bos_id(),
         "docs_train": len(train_docs), "docs_val": len(val_docs),
@@ -220,7 +230,7 @@ def main() -> None:
     if args.shard_tokens <= 0 or (args.max_chars is not None and args.max_chars <= 0):
         parser.error("--shard-tokens and --max-chars must be positive")
     t0 = time.perf_counter()
-    m = build(args.data_dir.resolve(), args.tokenizer.resolve(), args.max_chars, args.shard_tokens)
+    m = build(args.data_dir.resolve(), args.tokenizer.resolve(), stdlib_documents(args.max_chars), args.shard_tokens)
     print(f"sample dataset: {m['tokens_train']:,} train + {m['tokens_val']:,} val tokens "
           f"({len(m['files_train'])}+{len(m['files_val'])} shards, {m['docs_train']}+{m['docs_val']} docs, "
           f"Python {m['python_version']} stdlib text) in {args.data_dir}, tokenizer {args.tokenizer}, "

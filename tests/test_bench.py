@@ -35,7 +35,7 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def run(cmd, env, timeout=60):
+def run(cmd, env, timeout=600):
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return p

@@ -13,7 +13,7 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
+from conftest import log_value, run_cli, tiny_env_for  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 from train_gpt import UserError  # noqa: E402
 
@@ -40,19 +41,17 @@ def independent_read(path: Path) -> np.ndarray:
     return np.frombuffer(raw[1024:], dtype="<u2")
 
 
-def build_sample(data_dir: Path, tokenizer: Path, *extra: str) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, str(BUILDER), "--data-dir", str(data_dir), "--tokenizer", str(tokenizer),
-                          *extra], capture_output=True, text=True, check=True).stdout
-    return out, time.perf_counter() - t0
+def build_sample(data_dir: Path, tokenizer: Path, *extra: str, builder: Path = BUILDER) -> str:
+    return subprocess.run([sys.executable, str(builder), "--data-dir", str(data_dir), "--tokenizer", str(tokenizer),
+                           *extra], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
     """The default sample build (all of the stdlib text), made once per test session."""
     root = tmp_path_factory.mktemp("sample")
-    out, seconds = build_sample(root / "sample_sp1024", root / "sample_1024_bpe.model")
-    return root / "sample_sp1024", root / "sample_1024_bpe.model", out, seconds
+    out = build_sample(root / "sample_sp1024", root / "sample_1024_bpe.model")
+    return root / "sample_sp1024", root / "sample_1024_bpe.model", out
 
 
 @pytest.fixture(scope="session")
@@ -245,7 +244,7 @@ def test_sample_build_is_deterministic_and_replaces_stale_files(tmp_path):
 
 
 def test_default_sample_meets_size_targets(sample, sp):
-    data_dir, tokenizer, out, seconds = sample
+    data_dir, tokenizer, out = sample
     manifest = json.loads((data_dir / "manifest.json").read_text())
     train = [independent_read(data_dir / f) for f in manifest["files_train"]]
     val = [independent_read(data_dir / f) for f in manifest["files_val"]]
@@ -255,7 +254,6 @@ def test_default_sample_meets_size_targets(sample, sp):
     assert all(f.startswith("fineweb_train_") for f in manifest["files_train"])
     assert (n_train, n_val) == (manifest["tokens_train"], manifest["tokens_val"])
     assert n_train + n_val >= 300_000 and n_val >= 0.10 * (n_train + n_val)
-    assert seconds < 60, f"build took {seconds:.1f}s"
     assert manifest["python_version"] == ".".join(map(str, sys.version_info[:3]))
     assert out.count("\n") == 1 and "sample dataset:" in out
     # every document starts with BOS and BOS appears nowhere else
@@ -372,14 +370,14 @@ def test_fetch_downloads_validates_and_skips(fetcher, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
 def test_fetch_without_network_fails_in_one_line(tmp_path, env):
+    """One line, exit 2, from check_reachable's single connect before huggingface_hub is asked (no clock is read: the
+    subprocess timeout only bounds a hang)."""
     full_env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", **env}
-    t0 = time.perf_counter()
     res = subprocess.run([sys.executable, str(FETCHER), "--train-shards", "1", "--data-root", str(tmp_path / "data")],
-                         capture_output=True, text=True, env=full_env, timeout=60)
+                         capture_output=True, text=True, env=full_env, timeout=120)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: cannot reach the Hugging Face Hub")
-    assert time.perf_counter() - t0 < 20
 
 
 def test_heldout_builder_strips_troff():
@@ -389,3 +387,136 @@ def test_heldout_builder_strips_troff():
     page = ('.\\" a comment\n.TH LS 1\n.SH NAME\nls \\- list \\fBdirectory\\fR contents\n.PP\n'
             '.B \\-\\-all\nit\\(aqs \\s-1small\\s0 and \\*(lqquoted\\*(rq\n.sp 2\n')
     assert man_text(page) == "NAME\nls - list directory contents\n\n--all\nit's small and quoted"
+
+
+# ----------------------------------------------------------------------------- which dataset a run uses (issue 22.5)
+@pytest.fixture
+def no_fineweb(tmp_path, monkeypatch, sample_paths):
+    """A cwd without ./data/datasets/fineweb10B_sp1024 (DATA_PATH's default); the sample at sample_paths; building a
+    sample (a subprocess) is an error here, so a test sees any attempt."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_gpt, "SAMPLE_DATA_PATH", str(sample_paths[0]))
+    monkeypatch.setattr(train_gpt, "SAMPLE_TOKENIZER_PATH", str(sample_paths[1]))
+    monkeypatch.setattr(train_gpt.subprocess, "run", lambda *a, **k: pytest.fail(f"subprocess started: {a}"))
+    return tmp_path
+
+
+def resolve(env: dict, preset: str) -> tuple[train_gpt.Hyperparameters, bool | UserError, list[str]]:
+    args, logged = train_gpt.Hyperparameters(env, preset=preset), []
+    try:
+        return args, train_gpt.resolve_data(args, logged.append), logged
+    except UserError as e:
+        return args, e, logged
+
+
+@pytest.mark.parametrize("how", ["record preset", "CUDA faked in-process"])
+def test_record_run_without_fineweb_is_an_error_not_the_sample(no_fineweb, monkeypatch, how):
+    """On CUDA (the record preset, or torch.cuda.is_available() faked), a missing FineWeb is one error naming the path
+    and the fetch command; nothing is built and nothing logged."""
+    if how != "record preset":
+        monkeypatch.setattr(train_gpt.torch.cuda, "is_available", lambda: True)
+    _, err, logged = resolve({}, "record" if how == "record preset" else "cpu")
+    assert isinstance(err, UserError) and logged == []
+    msg = str(err)
+    assert "DATA_PATH=./data/datasets/fineweb10B_sp1024 does not exist" in msg and str(no_fineweb) in msg
+    assert "python data/cached_challenge_fineweb.py --train-shards 80" in msg and "DATA_PATH=sample" in msg
+
+
+def test_sample_only_when_asked_on_cuda_and_by_default_on_cpu(no_fineweb, monkeypatch, sample_paths):
+    for env, preset in [({"DATA_PATH": "sample"}, "record"), ({}, "cpu"), ({"DATA_PATH": "sample"}, "cpu")]:
+        args, sample, logged = resolve(env, preset)
+        assert sample is True and (args.data_path, args.tokenizer_path) == tuple(map(str, sample_paths))
+        assert len(logged) == 1 and "SAMPLE dataset in use" in logged[0] and "not record evidence" in logged[0]
+    args, sample, _ = resolve({"DATA_PATH": "sample", "TOKENIZER_PATH": "mine.model"}, "record")
+    assert sample is True and args.tokenizer_path == "mine.model"  # an explicit tokenizer is kept
+    (no_fineweb / "data" / "datasets" / "fineweb10B_sp1024").mkdir(parents=True)  # FineWeb present: used
+    args, sample, logged = resolve({}, "record")
+    assert sample is False and args.data_path == "./data/datasets/fineweb10B_sp1024" and logged == []
+    _, err, _ = resolve({"DATA_PATH": str(no_fineweb / "nope")}, "cpu")  # an explicit path must exist, CPU or not
+    assert isinstance(err, UserError) and f"DATA_PATH={no_fineweb / 'nope'} does not exist" in str(err)
+
+
+# ----------------------------------------------------------------------------- the competition's layout (issue 22.8)
+LAYOUT_BUILDER = ROOT / "data" / "build_competition_layout.py"
+
+
+@pytest.fixture(scope="session")
+def layouts(tmp_path_factory):
+    """Competition-layout sets (no byte fallback: <unk> occurs), without and with the dummy prefix, built on demand."""
+    built = {}
+
+    def get(dummy_prefix: bool):
+        if dummy_prefix not in built:
+            root = tmp_path_factory.mktemp("layout")
+            build_sample(root / "data", root / "tok.model", "--max-chars", "150000",
+                         *(["--dummy-prefix"] if dummy_prefix else []), builder=LAYOUT_BUILDER)
+            sp = train_gpt.load_tokenizer(str(root / "tok.model"), 1024)
+            val = train_gpt.load_validation_tokens(str(root / "data" / "fineweb_val_*.bin"), 1024).tolist()
+            manifest = json.loads((root / "data" / "manifest.json").read_text())
+            built[dummy_prefix] = types.SimpleNamespace(data=root / "data", tok=root / "tok.model", sp=sp, val=val,
+                                                        manifest=manifest)
+        return built[dummy_prefix]
+    return get
+
+
+def decoded_bytes(tokens: list[int], sp) -> np.ndarray:
+    """UTF-8 bytes of each target tokens[1:] from SentencePiece's own decoding, independent of the byte tables: the
+    stream is cut at every control or unknown token (BOS, <unk>: no bytes of text, boundaries under the rule) into
+    runs of ordinary pieces; the j-th piece of a run weighs len(decode(run[:j+1])) - len(decode(run[:j])) (decode
+    drops a run's leading space, as the rule does after a boundary). The first token is context, not a target."""
+    out, run = np.zeros(len(tokens) - 1, dtype=np.int64), []
+
+    def flush():
+        prev = 0
+        for j, i in enumerate(run):
+            n = len(sp.decode([tokens[k] for k in run[:j + 1]]).encode("utf-8"))
+            if i > 0:
+                out[i - 1] = n - prev
+            prev = n
+        run.clear()
+
+    for i, t in enumerate(tokens):
+        if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
+            flush()
+        else:
+            run.append(i)
+    flush()
+    return out
+
+
+@pytest.mark.parametrize("dummy_prefix", [False, True])
+def test_competition_layout_bytes_match_decoded_runs(layouts, dummy_prefix):
+    """No byte fallback, documents BOS-first with no EOS, characters the tokenizer lacks as <unk>: every target's bytes
+    by the run's tables equal SentencePiece's own decoding (<unk> 0 bytes and a boundary)."""
+    lay = layouts(dummy_prefix)
+    sp, val = lay.sp, lay.val
+    assert not any(sp.is_byte(i) for i in range(1024)) and sp.unk_id() == 3 and sp.bos_id() == 1
+    assert lay.manifest["tokenizer_settings"]["byte_fallback"] is False
+    assert val[0] == 1 and val.count(1) == lay.manifest["docs_val"] and sp.eos_id() not in val  # BOS each, no EOS
+    unk = [i for i, t in enumerate(val) if t == sp.unk_id()]
+    assert len(unk) > 50 and any(sp.id_to_piece(val[i + 1]).startswith("\u2581") for i in unk if i + 1 < len(val))
+    t = torch.tensor(val, dtype=torch.int64)
+    rule = train_gpt.target_bytes(t[:-1], t[1:], train_gpt.build_byte_luts(sp, 1024)).numpy()
+    expected = decoded_bytes(val, sp)
+    assert np.array_equal(rule, expected), np.flatnonzero(rule != expected)[:10]
+    assert all(rule[i - 1] == 0 for i in unk)  # the characters behind <unk> are not counted
+
+
+def test_whole_run_on_competition_layout(tmp_path, layouts, sample_paths):
+    """The whole run (training, export, round trip, sliding + TTT, the online mixer) on the competition layout: the
+    bytes of every target against the independent count, the logged BPBs recomputed from the per-token dump."""
+    lay = layouts(False)
+    env = tiny_env_for(lay.data, sample_paths, TOKENIZER_PATH=lay.tok, USE_NGRAM_MIXER=1, TTT_ENABLED=1,
+                       TTT_CHUNK_TOKENS=1024, EVAL_DUMP=tmp_path / "dump.npz")
+    p = run_cli(env, tmp_path, RUN_ID="layout")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    dump = np.load(tmp_path / "dump.npz")
+    expected = decoded_bytes(lay.val, lay.sp)
+    assert np.array_equal(dump["bytes"], expected)
+    unk_targets = [i - 1 for i, t in enumerate(lay.val) if t == lay.sp.unk_id()]
+    assert unk_targets and all(np.isfinite(dump[k]).all() for k in ("nll", "nll_neural", "entropy"))
+    for key, line in (("nll", "final_int6_sliding_window_exact"), ("nll_neural", "final_int6_sliding_window_neural_exact")):
+        bpb = dump[key].astype(np.float64).sum() / np.log(2) / expected.sum()
+        assert abs(float(log_value(p.stdout, line, "val_bpb")) - bpb) < 1e-6, (key, bpb)
+    assert int(log_value(p.stdout, "eval_time_split", "ttt_steps")) > 0 and "mixer_learned" in p.stdout
+    assert np.isfinite(float(log_value(p.stdout, "final_int6_roundtrip_exact", "val_bpb")))

@@ -262,7 +262,7 @@ def test_total_size_line_adds_up(trained):
     files = log_value(out, "code_bytes:", "files").split(",")
     names = [f.split("=")[0] for f in files]
     assert "train_gpt.py" in names
-    code = sum((trained.code / n).stat().st_size for n in names)
+    code = len(train_gpt.pack_code(names, trained.code))  # the code as shipped: one self-extracting file (test_code.py)
     assert total == trained.artifact.stat().st_size + code
     m = re.search(r"^serialized_model_int6_lzma:(\d+) bytes path:(\S+) export_time:\S+$", out, re.M)
     assert int(m.group(1)) == trained.artifact.stat().st_size and (trained.root / m.group(2)) == trained.artifact
@@ -281,7 +281,7 @@ def test_size_counts_mixer_file_when_used(trained):
     names = [f.split("=")[0] for f in log_value(p.stdout, "code_bytes:", "files").split(",")]
     assert names == ["train_gpt.py", "artifact_codec.py", "backoff_mixer.py"]
     total = int(re.search(r"Total submission size int6\+lzma: (\d+) bytes", p.stdout).group(1))
-    assert total == trained.artifact.stat().st_size + sum((trained.code / n).stat().st_size for n in names)
+    assert total == trained.artifact.stat().st_size + len(train_gpt.pack_code(names, trained.code))
 
 
 def independent_bytes(tokens: list[int], sp) -> np.ndarray:

@@ -143,8 +143,8 @@ def test_lr_multiplier_schedule():
     (dict(MODEL_DIM="36", NUM_HEADS="4", ROPE_DIMS="4"), "is odd"),
     (dict(ITERATIONS="ten"), "not a valid int"),
     (dict(EVAL_STRIDE="0"), "must be >= 1"),
-    (dict(NGRAM_ORDER="1"), "must be >= 2"),
-    (dict(NGRAM_RULE="hashed"), "NGRAM_RULE='hashed' must be one of"),
+    (dict(NGRAM_ORDER="1", USE_NGRAM_MIXER="1"), "must be >= 2"),  # mixer settings are checked when it runs
+    (dict(NGRAM_RULE="hashed", USE_NGRAM_MIXER="1"), "NGRAM_RULE='hashed' must be one of"),
     (dict(ATTENTION="flex"), "ATTENTION='flex' must be one of auto, fa3, sdpa"),
 ])
 def test_bad_hyperparameters_are_one_clear_error(env, phrase):
@@ -209,16 +209,19 @@ def test_same_seed_same_log_and_it_learns(model_data, sample_paths, tmp_path):
 
 
 def test_cpu_import_is_cheap_and_does_no_work(tmp_path):
-    """`import train_gpt` with no CUDA, flash-attn or triton: < 5 s, no files, no process group, no compile."""
+    """`import train_gpt` with no CUDA, flash-attn or triton: no compile, no subprocess (a dataset build, git), no
+    files, no process group. (Checked by what it calls, not by a clock: an import time depends on the machine's load.)"""
     blockers = tmp_path / "blockers"
     blockers.mkdir()
     for mod in ("triton", "flash_attn_interface", "flash_attn"):
         (blockers / f"{mod}.py").write_text(f"raise ImportError('{mod} is not installed here')\n")
-    probe = ("import time, sys; t = time.perf_counter(); import train_gpt, torch.distributed as d; "
-             "print(time.perf_counter() - t, d.is_initialized(), train_gpt._fa3_func is None, 'triton' in sys.modules)")
+    probe = ("import sys, subprocess, torch; calls = []; "
+             "torch.compile = lambda *a, **k: calls.append('torch.compile'); "
+             "subprocess.Popen = lambda *a, **k: calls.append('subprocess'); "
+             "import train_gpt, torch.distributed as d; "
+             "print(calls, d.is_initialized(), train_gpt._fa3_func is None, 'triton' in sys.modules)")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{blockers}{os.pathsep}{ROOT}"}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    seconds, initialized, no_fa3, triton_loaded = out.stdout.split()
-    assert float(seconds) < 5.0 and initialized == "False" and no_fa3 == "True" and triton_loaded == "False"
+    assert out.stdout.split() == ["[]", "False", "True", "False"], out.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blockers"]  # no logs/, artifacts/ or data written

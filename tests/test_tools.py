@@ -19,7 +19,10 @@ GPU_LOGS = sorted(FIXTURES.glob("gpu_seed*.txt"))
 CPU_LOG = FIXTURES / "cpu_seed1337.txt"
 sys.path.insert(0, str(TOOLS))
 
+from conftest import frozen_code  # noqa: E402
 from make_submission import parse_log  # noqa: E402
+from time_plan import complete, plan, rates_from_e2e, rates_from_results  # noqa: E402
+from train_gpt import HPARAMS, Hyperparameters  # noqa: E402
 
 # The numbers written into the GPU fixtures, per seed:
 # (mixed bpb, neural bpb, roundtrip bpb, model bytes, steps, train ms, roundtrip ms, sliding ms)
@@ -37,7 +40,7 @@ def tool(name, *args, cwd=REPO, env=None):
     script = TOOLS / name
     cmd = ["bash", str(script)] if name.endswith(".sh") else [sys.executable, str(script)]
     return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
 
 
 def variant(tmp_path, src, name, *edits, drop=()):
@@ -163,6 +166,28 @@ def test_over_cap_line_refused(tmp_path):
     assert f"{over}: the run says it is over the cap, not a valid submission (over_cap: total 15943009 bytes" in proc.stderr
     proc, sub = make_json(tmp_path, GPU_LOGS[0], extra=["--non-record"])  # the same log without the line passes
     assert proc.returncode == 0 and sub is not None
+
+
+PACKED_LINE = ("code_bytes:77261 files:train_gpt.py=60000,backoff_mixer.py=15000,kg_data.py=2261",
+               "code_bytes:30000 raw_bytes:77261 files:train_gpt.py=60000,backoff_mixer.py=15000,kg_data.py=2261")
+PACKED_TOTAL = ("int6+lzma: 15943009 bytes", "int6+lzma: 15895748 bytes")  # 15,865,748 + 30,000
+
+
+def test_packed_code_log(tmp_path):
+    """A log that counted its code packed (raw_bytes: the listed files' own bytes): code_bytes, the pack's size, is
+    what the total and submission.json count; the files must add up to raw_bytes."""
+    packed = variant(tmp_path, GPU_LOGS[0], "packed.txt", PACKED_LINE, PACKED_TOTAL)
+    run = parse_log(packed)
+    assert (run.code_bytes, run.code_raw_bytes, run.code_files) == (30000, CODE_BYTES, CODE_FILES)
+    proc, sub = make_json(tmp_path, packed)
+    assert proc.returncode == 0, proc.stderr
+    assert sub["bytes_code"] == 30000 and sub["code_packed"] is True and sub["code_files"] == CODE_FILES
+    assert sub["bytes_total"] == EXPECTED[1337][3] + 30000
+    bad = variant(tmp_path, packed, "bad.txt", ("raw_bytes:77261", "raw_bytes:77000"))
+    proc, _ = make_json(tmp_path, bad)
+    assert proc.returncode == 1 and f"{bad}: raw_bytes 77000 != sum of listed files 77261" in proc.stderr
+    proc, sub = make_json(tmp_path, GPU_LOGS[0])
+    assert proc.returncode == 0 and sub["code_packed"] is False  # an older log counted its files unpacked
 
 
 def test_inconsistent_size_refused(tmp_path):
@@ -293,6 +318,19 @@ def test_record_refuses_changed_code(fake_root):
     assert not (fake_root / "records").exists()
 
 
+def test_record_refuses_a_pack_that_is_not_what_the_log_counted(tmp_path):
+    """make_record packs the root's files with the root's own train_gpt.pack_code and ships it only if its size is the
+    log's code_bytes."""
+    root = frozen_code(tmp_path)
+    files = {f: (root / f).stat().st_size for f in ("train_gpt.py", "artifact_codec.py")}
+    listing = ",".join(f"{f}={n}" for f, n in files.items())
+    log = variant(tmp_path, GPU_LOGS[0], "packed.txt", PACKED_TOTAL,
+                  (PACKED_LINE[0], f"code_bytes:30000 raw_bytes:{sum(files.values())} files:{listing}"))
+    proc = record(root, log)
+    assert proc.returncode == 1 and "but the log counted 30000 (code changed since the run" in proc.stderr, proc.stderr
+    assert not (root / "records").exists()
+
+
 def test_record_non_record_and_existing_target(fake_root):
     proc = record(fake_root, CPU_LOG, extra=["--non-record"])
     assert proc.returncode == 0, proc.stderr
@@ -346,7 +384,7 @@ def seed_repo(tmp_path):
 def test_run_seeds_cpu_end_to_end(seed_repo):
     root, env = seed_repo
     proc = subprocess.run(["bash", "tools/run_seeds.sh", "7", "2024"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     sub = json.loads((root / "submission.json").read_text())
     assert sub["record"] is False and [s["seed"] for s in sub["seeds"]] == [7, 2024]
@@ -356,7 +394,109 @@ def test_run_seeds_cpu_end_to_end(seed_repo):
 def test_run_seeds_fails_fast(seed_repo):
     root, env = seed_repo
     proc = subprocess.run(["bash", "tools/run_seeds.sh", "7", "42", "2024"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3 and "seed 42 failed" in proc.stderr
     assert [p.name for p in (root / "logs").iterdir()] == ["t_seed7.txt"]
     assert not (root / "submission.json").exists()
+
+
+# --- time_plan ---------------------------------------------------------------------------
+# A synthetic one-GPU run, numbers picked so that every phase is easy to compute by hand.
+SYNTH_RUN = {"date": "2026-12-01T00:00:00+00:00", "results": {
+    "env": {"gpu": "NVIDIA H100 80GB HBM3"},
+    "train": {"tokens_per_s": 1_000_000.0, "ms_per_step": 98.304, "tokens_per_step": 98_304, "warmup_steps": 5,
+              "warmup_s": 40.49152},                                     # compile: 40.49152 - 5 x 0.098304 = 40
+    "eval": {"windows_per_s": 2000.0, "seq_len": 2048, "batch_seqs": 128, "warmup_s": 30.128},  # compile 30
+    "mixer": {"whole_stream_s": 10.0, "stream_tokens": 50_000_000, "rule": "online"},         # 5M tokens/s
+    "export": {"load_s": 2.0},
+    "ttt": {"error": "RuntimeError: a failed phase gives no rate"}}}
+VAL = 64 * 10_000 + 2048 + 1   # N = 642,048 targets: 1 + (642,048 - 2048) / 64 = 10,001 sliding windows
+
+
+def time_plan(tmp_path, *args, env=None, run=SYNTH_RUN):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    clean = {k: v for k, v in os.environ.items() if k not in {h.name for h in HPARAMS}}  # the record preset as is
+    return tool("time_plan.py", "--runs", path, "--json", *args, env={**clean, **(env or {})})
+
+
+def test_time_plan_arithmetic_on_a_synthetic_run(tmp_path):
+    proc = time_plan(tmp_path, "--val-tokens", VAL)
+    assert proc.returncode == 1, proc.stderr  # the clocks below break
+    out = json.loads(proc.stdout)
+    got = {p["key"]: p["seconds"] for p in out["phases"]}
+    step = 786_432 / 8 / 1e6                   # 0.098304 s a step on each of 8 GPUs
+    steps = 6002                               # ceil(590 / 0.098304): the step crossing the 590 s cap is finished
+    expected = {
+        "train_compile": 40 + 20 * step, "train": steps * step, "validation": 4 * (642_048 // 2048) / 8 / 2000,
+        "calibration": 262_144 / 8 / 1e6, "gptq": 10.0, "compress": 81.0, "fit": 243.0,   # the last three: estimates
+        "scorer_compile": 30.0, "ttt_compile": 40.0, "load": 2.0, "roundtrip": 313 / 8 / 2000,
+        "no_ttt_pass": 10_001 / 8 / 2000, "sliding": 10_001 / 8 / 2000,
+        "ttt_train": 9 * 3 * 65_536 / 8 / 1e6,    # 10 chunks of 1,024 windows, 9 trained on, 3 epochs
+        "mixer": 642_048 / 5e6}
+    assert list(got) == list(expected)
+    assert all(math.isclose(got[k], v, rel_tol=1e-9) for k, v in expected.items()), got
+    bases = {p["key"]: p["basis"] for p in out["phases"]}
+    assert bases["gptq"].startswith("estimate:") and bases["ttt_train"].startswith("estimate:")
+    assert bases["mixer"].startswith("measured: run.json mixer.whole_stream_s") and "online" in bases["mixer"]
+    clocks = {c["clock"]: c for c in out["clocks"]}
+    train_total = steps * step + 262_144 / 8 / 1e6 + 10.0
+    assert math.isclose(clocks["training"]["seconds"], train_total) and train_total > 600
+    assert clocks["training"]["flag"].startswith("BREAKS the training clock: 600.05 s > 600 s")
+    assert "a reserve of 11 s would fit" in clocks["GPTQ reserve (GPTQ_RESERVE_SECONDS)"]["flag"]
+    eval_total = sum(v for k, v in expected.items() if k in ("scorer_compile", "ttt_compile", "load", "roundtrip",
+                                                               "no_ttt_pass", "sliding", "ttt_train", "mixer"))
+    assert math.isclose(clocks["evaluation"]["seconds"], eval_total) and clocks["evaluation"]["flag"] == ""
+
+
+def test_time_plan_follows_the_settings_and_never_scales_compilation(tmp_path):
+    base = {p["key"]: p["seconds"] for p in json.loads(time_plan(tmp_path, "--val-tokens", VAL).stdout)["phases"]}
+    big = {p["key"]: p["seconds"] for p in json.loads(time_plan(tmp_path, "--val-tokens", 2 * VAL).stdout)["phases"]}
+    assert big["scorer_compile"] == base["scorer_compile"] == 30.0 and big["ttt_compile"] == base["ttt_compile"] == 40.0
+    assert math.isclose(big["mixer"], 2 * base["mixer"], rel_tol=1e-5) and big["sliding"] > 1.9 * base["sliding"]
+    proc = time_plan(tmp_path, "--val-tokens", VAL, env={"TTT_BASELINE": "0", "USE_NGRAM_MIXER": "0",
+                                                         "GPTQ_RESERVE_SECONDS": "11"})
+    out = json.loads(proc.stdout)
+    keys = [p["key"] for p in out["phases"]]
+    assert "no_ttt_pass" not in keys and "mixer" not in keys and proc.returncode == 0, out["clocks"]
+    assert json.loads(time_plan(tmp_path, env={"EVAL_STRIDE": "8"}).stdout)["clocks"][1]["flag"].startswith(
+        "BREAKS the evaluation clock")  # 7.75M windows a pass at 2,000/s on each of 8 GPUs
+    proc = time_plan(tmp_path, run={"date": "x", "results": {"env": {"gpu": "NVIDIA H200"}}})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no run measured the training rate")
+
+
+E2E_LOG = """hparams:{"EVAL_SEQ_LEN": 2048, "EVAL_STRIDE": 64, "TTT_ENABLED": 1, "TTT_BASELINE": 1, "TTT_CHUNK_TOKENS": 65536, "TTT_EPOCHS": 3, "TRAIN_BATCH_TOKENS": 49152}
+dataset:synth sample:0 data_path:/d tokenizer:/t val_tokens:262145
+step:1500/1500 train_loss:3.0000 train_time:90000ms step_avg:60.00ms
+export quant:gptq calibration:262144 tokens in 2.0s quantize:6.0s brotli:30.0s total:123 bytes
+eval_time_split no_ttt_pass:45.0s sliding:3.0s ttt_train:20.0s ttt_steps:9 mixer:1.0s
+"""
+
+
+def test_time_plan_rates_from_an_e2e_log():
+    """bench/gpu_e2e.py's estimate: compilation kept apart (the no-TTT pass less the same windows warm; TTT's time
+    less its work at the run's training rate), and scaled to the full validation only what is per window or token."""
+    r = rates_from_e2e(E2E_LOG)
+    wps = 4065 / 3.0                          # 1 + (262,144 - 2048) / 64 windows in the warm TTT pass
+    assert math.isclose(r["windows_per_s"].value, wps) and math.isclose(r["eval_compile_s"].value, 45.0 - 3.0)
+    assert math.isclose(r["ttt_tokens_per_s"].value, 49_152 / 0.060)
+    assert math.isclose(r["ttt_compile_s"].value, 20.0 - 3 * 3 * 65_536 / (49_152 / 0.060))  # 4 chunks, 3 trained
+    assert (r["calib_tokens_per_s"].value, r["gptq_s"].value, r["compress_s"].value) == (131_072, 6.0, 30.0)
+    assert "mixer_tokens_per_s" not in r  # a short stream's mixer time is mostly fixed cost
+    full = complete({**rates_from_results(SYNTH_RUN["results"], "run.json"), **r})
+    got = {p.key: p.seconds for p in plan(Hyperparameters({}, preset="record"), full)}
+    assert math.isclose(got["sliding"], 969_057 / 8 / wps) and got["scorer_compile"] == 42.0
+    assert math.isclose(got["ttt_train"], 946 * 3 * 65_536 / 8 / (49_152 / 0.060))
+    assert math.isclose(got["mixer"], 62_021_631 / 5e6) and math.isclose(got["calibration"], 262_144 / 8 / 131_072)
+
+
+def test_time_plan_export_rates_from_a_check_json():
+    """The export's rates: the export phase's (calibrating the record preset's 262,144 tokens), overridden by the e2e
+    phase's (a trained model through the real export; its export line names the calibration's token count)."""
+    results = dict(SYNTH_RUN["results"], export={"calibration_s": 1.0, "gptq_quantize_s": 8.0, "fit_s": 50.0},
+                   e2e={"calibration_s": 0.5, "quantize_s": 4.0, "compress_s": 20.0,
+                        "export_line": "export quant:gptq calibration:131072 tokens in 0.5s quantize:4.0s brotli:20.0s"})
+    r = rates_from_results(results, "x.json")
+    assert (r["calib_tokens_per_s"].value, r["gptq_s"].value, r["compress_s"].value, r["fit_s"].value) == (262_144, 4.0, 20.0, 50.0)
+    assert r["gptq_s"].basis == "measured: x.json e2e.quantize_s" and r["fit_s"].basis == "measured: x.json export.fit_s"
+    assert rates_from_results(dict(SYNTH_RUN["results"], export={"calibration_s": 1.0}), "x")["calib_tokens_per_s"].value == 262_144

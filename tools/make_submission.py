@@ -64,7 +64,8 @@ class RunLog:
     train_time_ms: float | None = None
     peak_memory_mib: int | None = None
     model_bytes: int | None = None
-    code_bytes: int | None = None
+    code_bytes: int | None = None  # the code as it ships: one self-extracting train_gpt.py packing code_files
+    code_raw_bytes: int | None = None  # the packed files' own bytes; None: an older log that counted them unpacked
     code_files: dict | None = None  # file name -> bytes, in log order
     total_bytes: int | None = None
     roundtrip_eval_ms: float | None = None
@@ -167,6 +168,7 @@ def _apply_line(run: RunLog, first: str, tag: str, kv: dict) -> None:
         run.over_cap = kv["over_cap"]
     elif first == "code_bytes":
         run.code_bytes = int(number(kv["code_bytes"]))
+        run.code_raw_bytes = int(number(kv["raw_bytes"])) if "raw_bytes" in kv else None
         files = [item.split("=") for item in kv.get("files", "").split(",") if item]
         run.code_files = {name: int(size) for name, size in files}
     elif tag == "final_int6_roundtrip":
@@ -212,9 +214,10 @@ def run_problems(run: RunLog, non_record: bool) -> list[str]:
     if run.total_bytes != run.model_bytes + run.code_bytes:
         problems.append(f"total size {run.total_bytes} != model {run.model_bytes}"
                         f" + code {run.code_bytes}")
-    if run.code_files is not None and sum(run.code_files.values()) != run.code_bytes:
-        problems.append(f"code_bytes {run.code_bytes} != sum of listed files "
-                        f"{sum(run.code_files.values())}")
+    listed = run.code_bytes if run.code_raw_bytes is None else run.code_raw_bytes
+    if run.code_files is not None and sum(run.code_files.values()) != listed:
+        key = "code_bytes" if run.code_raw_bytes is None else "raw_bytes"
+        problems.append(f"{key} {listed} != sum of listed files {sum(run.code_files.values())}")
     if not non_record:
         problems += _record_problems(run)
     return problems
@@ -319,6 +322,7 @@ def build_submission(runs: list[RunLog], *, name: str, author: str, non_record: 
         "val_loss": round(statistics.fmean(s["val_loss"] for s in seeds), 8),
         "bytes_total": max(s["bytes_total"] for s in seeds),
         "bytes_code": first.code_bytes,
+        "code_packed": first.code_raw_bytes is not None,
         "code_files": first.code_files,
         "mixer": first.mixer_on,
         "hardware": hardware,
