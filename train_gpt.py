@@ -40,8 +40,7 @@ from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # artifact_codec.py / backoff_mixer.py / kg_data.py sit beside this file, whatever the cwd
-from artifact_codec import (ARTIFACT_FORMAT, INT6_SUFFIXES, ArtifactError, artifact_parts, assemble, dequantize_state,  # noqa: E402
-                            fit_int6, quantize_state, read_artifact)
+import artifact_codec as ac  # noqa: E402
 
 
 class UserError(Exception):
@@ -122,8 +121,9 @@ HPARAMS = [
     HP("GRAD_CLIP_NORM", 0.3, None, ">=0"),
     HP("EMA_DECAY", 0.997, 0.98, "[0,1]"),
     # export and evaluation
+    HP("RATE_CONTROL", 1, None, "0/1"),  # 1: every matrix's encoding picked by rate and loss to fill TARGET_BYTES
     HP("QUANT", "gptq", None, "gptq|clip"),
-    HP("QUANT_BITS", 6, None, "[2,8]"),  # the attention/MLP ("int6") matrices' width: codes in [-(2^(b-1)-1), 2^(b-1)-1]
+    HP("QUANT_BITS", 6, None, "[2,8]"),  # RATE_CONTROL=0: the attention/MLP ("int6") matrices' width
     HP("GPTQ_CALIB_TOKENS", 262144, 65536, ">=1"),
     HP("GPTQ_DAMP", 0.01, None, ">0"),
     HP("GPTQ_BLOCK", 128, None, ">=1"),
@@ -210,9 +210,13 @@ class Hyperparameters:
         for layer in layer_ids(self.ve_layers):
             if not 0 <= layer < self.num_layers:
                 raise UserError(f"VE_LAYERS={self.ve_layers!r} names layer {layer}, outside 0..{self.num_layers - 1}")
-        if self.quant == "gptq" and self.gptq_calib_tokens % (CALIB_SLICES * self.train_seq_len):
+        if self.rate_control and (fixed := sorted({"QUANT_BITS", "FIT_MAX_FRACTION"} & self.explicit)):
+            raise UserError(f"{fixed[0]}={getattr(self, fixed[0].lower())} sets the uniform export (RATE_CONTROL=0); with "
+                            f"RATE_CONTROL=1 the rate control picks every width: unset {fixed[0]} or set RATE_CONTROL=0")
+        self.calibrates = bool(self.rate_control or self.quant == "gptq")  # the export reads training tokens
+        if self.calibrates and self.gptq_calib_tokens % (CALIB_SLICES * self.train_seq_len):
             raise UserError(f"GPTQ_CALIB_TOKENS={self.gptq_calib_tokens} must be a multiple of {CALIB_SLICES} x TRAIN_SEQ_LEN")
-        if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
+        if self.calibrates and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
             raise UserError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time; lower it")
         mixer_settings(self)
         self.check_ttt()
@@ -899,8 +903,9 @@ def eval_val(stats_fn, tokens: Tensor, luts, seq_len: int, batch_tokens: int, ct
     return loss, (sums[0] / math.log(2) / sums[2]).item()
 
 
-def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log) -> tuple[int, TokenStream]:
-    """The training loop: (steps taken, the training stream, whose next tokens calibrate GPTQ); leaves the EMA in `model`."""
+def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log) -> tuple[int, TokenStream, float]:
+    """The training loop: (steps taken, the training stream, whose next tokens calibrate the export, training seconds
+    on the clock); leaves the EMA in `model`."""
     grad_accum = 8 // ctx.world
     train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
     compiled = torch.compile(model) if args.compile else model
@@ -938,7 +943,7 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
     ema = [p.detach().float().clone() for p in model.parameters()]
     params = list(model.parameters())
     train_ms, step, stop_after, last_loss = 0.0, 0, None, float("nan")
-    cap_s = args.max_wallclock_seconds - args.gptq_reserve_seconds * (args.quant == "gptq" and args.max_wallclock_seconds > 0)
+    cap_s = args.max_wallclock_seconds - args.gptq_reserve_seconds * (args.calibrates and args.max_wallclock_seconds > 0)
     if cap_s != args.max_wallclock_seconds:
         log(f"gptq_reserve:{args.gptq_reserve_seconds}s training_cap:{cap_s}s (kept from MAX_WALLCLOCK_SECONDS for GPTQ)")
     progress = Progress(log, "train", args.iterations, "steps", every=60.0)
@@ -982,38 +987,59 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
         for p, e in zip(params, ema):
             p.copy_(e.to(p.dtype))
     log(f"ema:applied decay:{args.ema_decay}")
-    return step, loader.stream
+    return step, loader.stream, train_ms / 1000
 
 
 # ----------------------------------------------------------------------------- export
-# GPTQ's Hessians come from training tokens (inside the training clock); the encoding itself is artifact_codec.py.
+# Calibration and GPTQ read training data: they run inside the training clock (GPTQ_RESERVE_SECONDS). The encoding and
+# the size search (artifact_codec.py) run alike on every rank, so no rank waits in a collective on them; rank 0 writes.
 LIMIT_BYTES = 16_000_000
-CALIB_SLICES = 8  # world sizes 1, 2, 4 and 8 all own whole slices: the Hessians add up in one order at every size
+CALIB_SLICES = 8  # world sizes 1, 2, 4 and 8 all own whole slices: the sums add up in one order at every size
 
 
-def collect_hessians(model: GPT, tokens: Tensor, seq_len: int, ctx) -> dict[str, Tensor]:
-    """H = X^T X (float64) of each int6 matrix's input X over `tokens`, cut into CALIB_SLICES slices
-    of whole sequences. Rank r runs its contiguous block of slices, one forward call each (a slice's sum is the same
-    at every world size); an all-reduce gathers them (one non-zero term per slot: exact); one fixed tree adds them.
-    q, k and v read one tensor, so q's H is computed once and serves all three."""
-    mods = {n + ".weight": m for n, m in model.named_modules()}
-    sums = {n: torch.zeros(CALIB_SLICES, m.in_features, m.in_features, dtype=torch.float64, device=ctx.device)
-            for n, m in mods.items() if n.endswith(INT6_SUFFIXES) and not re.search(r"\.attn\.[kv]\.", n)}  # module order
-    slot = [0]  # the slice being run
+def collect_stats(model: GPT, tokens: Tensor, seq_len: int, ctx, fisher: bool) -> dict[str, dict]:
+    """Calibration statistics of every matrix the artifact stores, over `tokens` cut into CALIB_SLICES slices of whole
+    sequences: "H" = X^T X (float64) of a linear layer's input X (q, k and v read one X: q's H serves all three; the
+    tied head's X is the final hidden state); with `fisher` the squared gradients of the summed next-token loss too:
+    "g" per output channel of a linear layer (the tied head: per logit), "F" per entry of an embedding table (summed
+    over the positions that read its row); "n" positions. Rank r runs its contiguous block of slices, one forward (and
+    backward) call each; an all-reduce gathers the slices (one non-zero term per slot: exact); one fixed tree adds them."""
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and not n.startswith("mtp_heads.")}
+    sums, slot, outs, kv = {}, [0], [], r"\.attn\.[kv]$"
 
-    def add(m: str, x: Tensor):  # returns None: a pre-hook's return value would replace the module's input
-        sums[m][slot[0]].addmm_(x.T, x)
-    hooks = [mods[m].register_forward_pre_hook(lambda _, inp, m=m: add(m, inp[0].flatten(0, -2).double())) for m in sums]
-    with torch.no_grad(), autocast(ctx.device):
+    def acc(key: tuple, shape) -> Tensor:  # the running slice's sum of `key`
+        return sums.setdefault(key, torch.zeros(CALIB_SLICES, *shape, dtype=torch.float64, device=ctx.device))[slot[0]]
+
+    def seen(n: str, linear: bool, x: Tensor, out: Tensor, shape):  # hooks return None: a value would replace the output/grad
+        def grad(g: Tensor):
+            g2 = g.flatten(0, -2).double().square()
+            acc((n, "g"), g2.shape[1:]).add_(g2.sum(0)) if linear else acc((n, "F"), shape).index_add_(0, x.flatten(), g2)
+        if linear and not re.search(kv, n):
+            acc((n, "H"), (x.size(-1),) * 2).addmm_((x2 := x.detach().flatten(0, -2).double()).T, x2)
+        if fisher:
+            outs.append(out)
+            out.register_hook(grad)
+    hooks = [m.register_forward_hook(lambda m, inp, out, n=n: seen(n, isinstance(m, nn.Linear), inp[0], out, m.weight.shape))
+             for n, m in mods.items()]
+    with torch.set_grad_enabled(fisher), autocast(ctx.device):
         for slot[0] in range(CALIB_SLICES * ctx.rank // ctx.world, CALIB_SLICES * (ctx.rank + 1) // ctx.world):
-            model.hidden(tokens.view(CALIB_SLICES, -1, seq_len)[slot[0]].to(ctx.device, torch.int64))
+            x = tokens.view(CALIB_SLICES, -1, seq_len)[slot[0]].to(ctx.device, torch.int64)
+            h = model.hidden(x)
+            if fisher:  # the tied head by hand (no module computes the logits): positions 0..T-2 predict tokens 1..T-1
+                seen("tok_emb", True, h[:, :-1], z := F.linear(h[:, :-1], model.tok_emb.weight.to(h.dtype)), None)
+                loss = F.cross_entropy(softcap(z, model.softcap).float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+                torch.autograd.grad(loss, outs, allow_unused=True)
+                outs.clear()
     for h in hooks:
         h.remove()
-    for m, h in sums.items():
+    stats = {n + ".weight": {"n": tokens.numel()} for n in mods}
+    for (n, key), s in sums.items():
         if ctx.world > 1:
-            dist.all_reduce(h)
-        sums[m] = ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]))  # one order at every world size
-    return {n: sums[re.sub(r"\.attn\.[kv]\.", ".attn.q.", n)] for n in mods if n.endswith(INT6_SUFFIXES)}
+            dist.all_reduce(s)
+        stats[n + ".weight"][key] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))  # one order at every world size
+    for n in [n for n in mods if re.search(kv, n)]:
+        stats[n + ".weight"]["H"] = stats[n[:-1] + "q.weight"]["H"]
+    return stats
 
 
 def load_artifact(path: str) -> tuple[dict, dict]:
@@ -1022,44 +1048,55 @@ def load_artifact(path: str) -> tuple[dict, dict]:
     if not p.is_file():
         raise UserError(f"artifact {path} not found; set ARTIFACT to a .ptz written by a training run")
     raw = p.read_bytes()
-    if raw[:6] == b"\xfd7zXZ\x00":  # how format v1 (torch.save + LZMA) began
-        raise UserError(f"artifact {path} is an LZMA file: the older format pgolf-int6-lzma-v1 (or corrupt), which this "
-                        f"code does not read; re-export it: train again with this train_gpt.py")
+    old = {b"\xfd7zXZ\x00": "pgolf-int6-lzma-v1 (torch.save + LZMA)", b"PGOLFv": "pgolf-int6-v2 (two streams)"}
+    if raw[:6] in old and raw[:8] != ac.ARTIFACT_MAGIC:  # how the older formats began
+        raise UserError(f"artifact {path} is in the older format {old[raw[:6]]} (or corrupt), which this code does not read; "
+                        f"re-export it: train again with this train_gpt.py")
     try:
-        meta, qstate = read_artifact(raw)
-    except ArtifactError as e:
-        raise UserError(f"artifact {path} is truncated or corrupt, or not a {ARTIFACT_FORMAT} artifact ({e}); "
+        meta, qstate = ac.read_artifact(raw)
+    except ac.ArtifactError as e:
+        raise UserError(f"artifact {path} is truncated or corrupt, or not a {ac.ARTIFACT_FORMAT} artifact ({e}); "
                         f"re-export it from a training run") from None
-    return meta, dequantize_state(qstate)
+    return meta, ac.dequantize_state(qstate)
 
 
-def export(model: GPT, args: Hyperparameters, stream: TokenStream, ctx, log, run_id: str, n_code: int) -> tuple[str, str]:
-    """Quantize (GPTQ: Hessians of the training stream's next GPTQ_CALIB_TOKENS tokens), compress, fit the total (artifact
-    + code) under TARGET_BYTES, write. Returns the path and the over_cap line if even FIT_MAX_FRACTION cannot fit."""
-    t0, hessians, over, path = time.perf_counter(), None, "", f"artifacts/{run_id}.ptz"
-    if args.quant == "gptq":
-        hessians = collect_hessians(model, stream.take(args.gptq_calib_tokens), args.train_seq_len, ctx)
-    t1 = time.perf_counter()
+def export(model: GPT, args: Hyperparameters, stream: TokenStream, ctx, log, run_id: str, n_code: int, train_s: float) -> tuple[str, str]:
+    """Calibrate on the training stream's next GPTQ_CALIB_TOKENS tokens and quantize, inside the training clock; then
+    encode so that artifact + code fill TARGET_BYTES: RATE_CONTROL=1 picks every matrix's encoding by rate and loss,
+    RATE_CONTROL=0 quantizes uniformly and zeroes at most FIT_MAX_FRACTION of the int6 values. Returns the path written
+    and, when nothing fits, the over_cap line (the smallest encoding is then kept as .OVER_CAP.ptz)."""
+    t0, stats, path = time.perf_counter(), None, f"artifacts/{run_id}.ptz"
+    if args.calibrates:
+        stats = collect_stats(model, stream.take(args.gptq_calib_tokens), args.train_seq_len, ctx, bool(args.rate_control))
+    t1, state = time.perf_counter(), {n: t.detach() for n, t in model.state_dict().items() if not n.startswith("mtp_heads.")}
+    if args.rate_control:  # the candidates of every weight matrix (GPTQ in the loop); the rest fp32
+        cands = {n: ac.candidates(t, stats[n], args.quant == "gptq", args.gptq_damp, args.gptq_block) for n, t in state.items() if n in stats}
+        qstate = {n: {"kind": "q", "q": cands[n]["q"][0]} if n in cands else {"kind": "float", "value": t.float().cpu()} for n, t in state.items()}
+    else:
+        qstate = ac.quantize_state(state, stats, args.gptq_damp, args.gptq_block, args.quant_bits)
+    t2, cap = time.perf_counter(), args.max_wallclock_seconds
+    log(f"training_clock train:{train_s:.1f}s calibration:{t1 - t0:.1f}s quantize:{t2 - t1:.1f}s total:{train_s + t2 - t0:.1f}s "
+        f"max_wallclock:{cap:.0f}s reserve:{args.gptq_reserve_seconds:.1f}s calibration_tokens:{args.gptq_calib_tokens * bool(stats)} "
+        f"quant:{args.quant} rate_control:{args.rate_control}")
+    if cap > 0 and stats is not None and t2 - t0 > args.gptq_reserve_seconds:
+        log(f"WARNING: calibration+quantization took {t2 - t0:.1f}s, over GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds} by "
+            f"{t2 - t0 - args.gptq_reserve_seconds:.1f}s (training clock {train_s + t2 - t0:.1f}s of {cap:.0f}s): "
+            f"GPTQ_RESERVE_SECONDS={math.ceil(t2 - t0)} would have fit")
+    rest, workers = ac.rest_stream(qstate, args.meta()), max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    fixed = len(ac.assemble(rest, [])) + n_code  # all but the matrices' streams
+    if args.rate_control:
+        choice, streams, total, over = ac.rate_control(cands, fixed, args.target_bytes, workers, log)
+        qstate.update({n: ac.entry(cands[n], c) for n, c in choice.items()})
+    else:
+        streams, total, over = ac.fit_uniform(qstate, stats, fixed, args.target_bytes, args.fit_max_fraction, workers, log)
+    if over:
+        path = f"artifacts/{run_id}.OVER_CAP.ptz"
+        log(over := f"over_cap: total {total} bytes exceeds TARGET_BYTES={args.target_bytes} by {total - args.target_bytes} "
+            f"({over}): NOT a valid submission, kept as {path}; shrink MLP_MULT, BIGRAM_VOCAB_SIZE, NUM_LAYERS or MODEL_DIM")
     if ctx.rank == 0:
-        qstate, t2 = quantize_state(model.state_dict(), hessians, args.gptq_damp, args.gptq_block, args.quant_bits), time.perf_counter()
-        (six, rest), t3 = artifact_parts(qstate, args.meta()), time.perf_counter()
-        total = len(assemble(six, rest)) + n_code
-        log(f"export quant:{args.quant} calibration:{args.gptq_calib_tokens if hessians else 0} tokens in {t1 - t0:.1f}s "
-            f"quantize:{t2 - t1:.1f}s brotli:{t3 - t2:.1f}s total:{total} bytes")
-        if total > args.target_bytes:
-            n6, excess = sum(e["q"].numel() for e in qstate.values() if e["kind"] == "int6"), total - args.target_bytes
-            fitted, k, at_k = fit_int6(qstate, hessians, len(six) - excess, args.fit_max_fraction)
-            if fitted:
-                log(f"fit_to_cap: total {total} -> {total - len(six) + at_k} bytes zeroed:{k}/{n6} int6 values ({k / n6:.4%})")
-                six = fitted
-            else:
-                path = f"artifacts/{run_id}.OVER_CAP.ptz"
-                log(over := f"over_cap: total {total} bytes exceeds TARGET_BYTES={args.target_bytes} by {excess} (by "
-                    f"{excess - len(six) + at_k} with FIT_MAX_FRACTION zeroed): NOT a valid submission, kept as {path}; "
-                    f"shrink MLP_MULT, BIGRAM_VOCAB_SIZE, NUM_LAYERS or MODEL_DIM")
-        blob = assemble(six, rest)
-        write_atomic(path, blob)
-        log(f"serialized_model_int6_lzma:{len(blob)} bytes path:{path} export_time:{time.perf_counter() - t0:.1f}s")
+        write_atomic(path, blob := ac.assemble(rest, [streams[n] for n, e in qstate.items() if e["kind"] != "float"]))
+        log(f"serialized_model_int6_lzma:{len(blob)} bytes path:{path} export_time:{time.perf_counter() - t0:.1f}s "
+            f"calibration:{t1 - t0:.2f}s quantize:{t2 - t1:.2f}s search:{time.perf_counter() - t2:.2f}s")
     return ctx.broadcast((path, over))
 
 
@@ -1328,7 +1365,7 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
         calib = sum(map(read_shard_header, list_shards(pattern := os.path.join(args.data_path, "fineweb_train_*.bin"))))
         if args.target_bytes <= n_code:
             raise UserError(f"TARGET_BYTES={args.target_bytes} does not exceed the code alone ({n_code} bytes); raise it")
-        if args.quant == "gptq" and calib < args.gptq_calib_tokens:
+        if args.calibrates and calib < args.gptq_calib_tokens:
             raise UserError(f"GPTQ_CALIB_TOKENS={args.gptq_calib_tokens} exceeds the {calib} training tokens of {pattern}; lower it")
     log(f"dataset:{Path(args.data_path).name} sample:{int(sample)} data_path:{args.data_path} "
         f"tokenizer:{args.tokenizer_path} val_tokens:{val_tokens.numel()}")
@@ -1353,11 +1390,11 @@ def run(args: Hyperparameters, ctx: DistContext, log_box: list):
                 raise UserError(f"KG_INIT=1 cannot use kg_data.py: {e}") from None
             log(f"kg_init:1 strength:{args.kg_init_strength} tokens:{len(kg_data.token_importance())}")
         model.set_attention_backend(attention)
-        steps, stream = train(args, model, val_tokens, luts, ctx, log)
+        steps, stream, train_s = train(args, model, val_tokens, luts, ctx, log)
         stats_fn = make_stats_fn(model, args)
         loss, bpb = eval_val(stats_fn, val_tokens, luts, args.train_seq_len, args.val_batch_size, ctx)
         log(f"post_ema val_loss:{loss:.4f} val_bpb:{bpb:.4f} steps:{steps}")
-        artifact, over = export(model, args, stream, ctx, log, run_id, n_code)
+        artifact, over = export(model, args, stream, ctx, log, run_id, n_code, train_s)
     model_bytes = Path(artifact).stat().st_size if ctx.rank == 0 else 0
     log(f"code_bytes:{n_code} raw_bytes:{n_raw} files:{detail}")
     log(f"Total submission size int6+lzma: {model_bytes + n_code} bytes")

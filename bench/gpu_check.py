@@ -10,8 +10,8 @@ Phases, each in its own try block (a failure is recorded and the others still ru
   e2e        the real train_gpt.py, trained >= 1,500 steps on a sampled offline stream, real export (GPTQ, brotli,
              fit to TARGET_BYTES) and real evaluation (TTT, online mixer): artifact bytes, bits/parameter, values
              zeroed, the export's and the evaluation's phase times, the 8xH100 evaluation estimate (gpu_e2e.py)
-  export     (only with --phases) the export's phases on the model of `train`, untrained: GPTQ calibration,
-             quantization, compression and a forced fit timed; written, reloaded, the loss of both on one batch
+  export     (only with --phases) train_gpt.export on the model of `train`, untrained: calibration, candidates
+             (GPTQ) and a forced size search timed; written, reloaded, the loss of both on one batch
   eval    sliding-window eval of the reloaded model on a slice: windows/s, full-eval estimate (bench_eval.py)
   ttt     score-first test-time training (eval_sliding + TestTimeTrainer) on one rank's share of a few chunks:
           scoring and training ms per chunk, the full evaluation on 8 GPUs it implies (bench_ttt.py)
@@ -31,6 +31,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -53,9 +54,8 @@ from bench_train import (RECORD_MS_PER_STEP, RECORD_TOKENS_PER_S_PER_GPU, make_a
                          time_training)
 from attention_paths import time_paths  # noqa: E402
 from gpu_e2e import phase_e2e  # noqa: E402
-from artifact_codec import artifact_parts, assemble, fit_int6, quantize_state  # noqa: E402
-from train_gpt import (LIMIT_BYTES, autocast, build_eval_model, build_model, code_bytes, collect_hessians,  # noqa: E402
-                       count_params, load_artifact)
+from train_gpt import (LIMIT_BYTES, autocast, build_eval_model, build_model, code_bytes, count_params,  # noqa: E402
+                       load_artifact)
 
 RECORD_PARAMS, RECORD_MTP_PARAMS, RECORD_MODEL_BYTES = 28_042_332, 1_048_576, 15_865_748
 SMOKE_ENV = {"TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "EVAL_BATCH_SEQS": "8",
@@ -157,35 +157,35 @@ def phase_model(args) -> dict:
     return res
 
 
-FIT_SHRINK = 0.003  # the share of the compressed int6 group the timed fit must remove
+SEARCH_BITS = 4.8  # the timed export's target: artifact + code at this many bits per matrix entry (a forced search)
 
 
 def phase_export(args, device, state: dict, seqs: int) -> dict:
-    """The export's phases, timed: GPTQ calibration on GPTQ_CALIB_TOKENS random tokens (the training stream is
-    not needed for timing), quantization, compression, and a fit-to-cap forced to remove FIT_SHRINK of the int6
-    group's bytes; then write the unfitted artifact, reload it, compare the losses of both models on one batch."""
+    """train_gpt.export itself, timed from its log lines: calibration (forward + backward) on GPTQ_CALIB_TOKENS random
+    tokens (the training stream is not needed for timing), every matrix's candidates (GPTQ), the size search towards a
+    target of SEARCH_BITS per matrix entry; then the artifact is reloaded and the losses of both models compared on
+    one batch."""
     model = state.get("model") or build_model(args).to(device)
-    ctx = types.SimpleNamespace(rank=0, world=1, device=device)
+    ctx = types.SimpleNamespace(rank=0, world=1, device=device, broadcast=lambda obj: obj)
     tokens = torch.randint(0, args.vocab_size, (args.gptq_calib_tokens,), generator=torch.Generator().manual_seed(0))
-    times, t = {}, time.perf_counter()
-    hessians = collect_hessians(model, tokens, args.train_seq_len, ctx)
-    sync(device)
-    times["calibration_s"], t = time.perf_counter() - t, time.perf_counter()
-    qstate = quantize_state(model.state_dict(), hessians, args.gptq_damp, args.gptq_block)
-    times["gptq_quantize_s"], t = time.perf_counter() - t, time.perf_counter()
-    six, rest = artifact_parts(qstate, args.meta())
-    times["compress_s"], t = time.perf_counter() - t, time.perf_counter()
-    blob = assemble(six, rest)
-    fitted, zeroed, _ = fit_int6(qstate, hessians, int(len(six) * (1 - FIT_SHRINK)), args.fit_max_fraction)
-    times.update(fit_s=time.perf_counter() - t, fit_zeroed=zeroed if fitted else None)
-    serialize_s = sum(v for k, v in times.items() if k in ("calibration_s", "gptq_quantize_s", "compress_s"))
+    n_code = code_bytes()[0]
+    n_mat = sum(t.numel() for n, t in model.state_dict().items() if t.ndim == 2 and not n.startswith("mtp_heads."))
+    args.target_bytes, lines, cwd = n_code + int(SEARCH_BITS * n_mat / 8), [], os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "gpu_check.ptz")
-        Path(path).write_bytes(blob)
-        t = time.perf_counter()
-        meta, sd = load_artifact(path)
-        eval_model = build_eval_model(meta["arch"], sd, path, device)
-        load_s = time.perf_counter() - t
+        os.chdir(tmp)
+        try:
+            t = time.perf_counter()
+            path, over = train_gpt.export(model, args, types.SimpleNamespace(take=lambda n: tokens[:n]), ctx, lines.append,
+                                          "gpu_check", n_code, 0.0)
+            export_s, blob_bytes = time.perf_counter() - t, Path(path).stat().st_size
+            t = time.perf_counter()
+            meta, sd = load_artifact(path)
+            eval_model = build_eval_model(meta["arch"], sd, path, device)
+            load_s = time.perf_counter() - t
+        finally:
+            os.chdir(cwd)
+    text = "\n".join(lines)
+    grab = lambda pat: float(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len + 1), generator=gen).to(device)
     model.eval()
@@ -196,11 +196,12 @@ def phase_export(args, device, state: dict, seqs: int) -> dict:
     orig = {k: v.float().cpu() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
     err = max(((orig[k] - v.cpu()).abs().max() / orig[k].abs().max().clamp_min(1e-12)).item() for k, v in sd.items())
     state["eval_model"] = eval_model
-    n_code = code_bytes()[0]
-    return {"artifact_bytes": len(blob), "code_bytes": n_code, "total_bytes": len(blob) + n_code,
-            "under_limit": len(blob) + n_code <= LIMIT_BYTES, "serialize_s": serialize_s, "load_s": load_s, **times,
-            "loss_before": before, "loss_after": after, "loss_delta": after - before, "max_rel_weight_err": err,
-            "roundtrip_ok": abs(after - before) < ROUNDTRIP_TOL}
+    return {"artifact_bytes": blob_bytes, "code_bytes": n_code, "total_bytes": blob_bytes + n_code, "target_bytes": args.target_bytes,
+            "over": over, "under_limit": blob_bytes + n_code <= LIMIT_BYTES, "export_s": export_s, "load_s": load_s,
+            "calibration_s": grab(r"training_clock .*calibration:(\S+)s"), "quantize_s": grab(r"training_clock .*quantize:(\S+)s"),
+            "search_s": grab(r"serialized_model_int6_lzma:.* search:(\S+)s"), "rounds": len(re.findall(r"rate_search round", text)),
+            "rate_control": next((l for l in lines if l.startswith("rate_control")), None), "loss_before": before,
+            "loss_after": after, "loss_delta": after - before, "max_rel_weight_err": err, "roundtrip_ok": abs(after - before) < ROUNDTRIP_TOL}
 
 
 def phase_mixer(args, device, n_tokens: int, check: Check, cap_s: float) -> dict:
@@ -281,7 +282,7 @@ def summary(results: dict, mode: str) -> str:
                 f"{fmt(e2e, 'bits_per_param', '{:.3f}')} bits/param", "record lineage 4.59-4.72 bits/param"),
         ("", f"total {fmt(e2e, 'total_bytes', '{:,}')} B (before fit {fmt(e2e, 'total_before_fit', '{:,}')}), zeroed "
              f"{fmt(e2e, 'zeroed', '{:,}')}{', OVER CAP' if e2e.get('over_cap') else ''}; calibration "
-             f"{fmt(e2e, 'calibration_s')} s, quantize {fmt(e2e, 'quantize_s')} s, brotli {fmt(e2e, 'compress_s')} s, "
+             f"{fmt(e2e, 'calibration_s')} s, quantize {fmt(e2e, 'quantize_s')} s, search {fmt(e2e, 'search_s')} s, "
              f"export {fmt(e2e, 'export_s')} s", f"<= {LIMIT_BYTES:,} B"),
         ("", f"eval 8xH100 estimate {fmt(est, 'total')} s (no-TTT pass {fmt(est, 'no_ttt_pass')}, sliding "
              f"{fmt(est, 'sliding')}, TTT {fmt(est, 'ttt_train')}, mixer {fmt(est, 'mixer')}); BPB neural "
@@ -290,9 +291,9 @@ def summary(results: dict, mode: str) -> str:
         ("export", f"artifact {fmt(r['export'], 'artifact_bytes', '{:,}')} B + code {fmt(r['export'], 'code_bytes', '{:,}')} B, "
                    f"round trip dloss {fmt(r['export'], 'loss_delta', '{:+.4f}')} ok={r['export'].get('roundtrip_ok')}",
                    f"record model {RECORD_MODEL_BYTES:,} B (trained; 50 steps compress differently)"),
-        ("", f"GPTQ calibration {fmt(r['export'], 'calibration_s')} s, quantize {fmt(r['export'], 'gptq_quantize_s')} s, "
-             f"compress {fmt(r['export'], 'compress_s')} s, fit -{FIT_SHRINK:.1%} {fmt(r['export'], 'fit_s')} s",
-             "calibration + quantize must fit GPTQ_RESERVE_SECONDS"),
+        ("", f"calibration {fmt(r['export'], 'calibration_s')} s, candidates (GPTQ) {fmt(r['export'], 'quantize_s')} s, "
+             f"size search to {SEARCH_BITS} bits/entry {fmt(r['export'], 'search_s')} s in {fmt(r['export'], 'rounds', '{}')} rounds",
+             "calibration + candidates must fit GPTQ_RESERVE_SECONDS"),
         ("eval", f"{fmt(r['eval'], 'windows_per_s')} windows/s -> full val {fmt(r['eval'], 'full_eval_s')} s "
                  f"on {fmt(r['eval'], 'gpus', '{}')} GPUs", f"target {TARGET_S:.0f} s, record ~{RECORD_EVAL_S:.0f} s"),
         ("ttt", f"one rank of {fmt(r['ttt'], 'gpus', '{}')}: score {fmt(r['ttt'], 'score_s_per_chunk', '{:.3f}')} s + train "

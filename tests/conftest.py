@@ -122,6 +122,12 @@ def run_two_ranks(cmd: list, cwd: Path, env: dict, timeout: float, ok=lambda p: 
     return p
 
 
+def artifact_of(qstate: dict, meta: dict) -> bytes:
+    """The artifact file of a quantized state, as the export writes it (artifact_codec's rest stream and tensor streams)."""
+    import artifact_codec as ac
+    return ac.assemble(ac.rest_stream(qstate, meta), [ac.compress(ac.stream_bytes(e)) for e in qstate.values() if e["kind"] != "float"])
+
+
 def log_value(text: str, prefix: str, key: str) -> str:
     """The value of key:… on the last line starting with prefix."""
     line = [l for l in text.splitlines() if l.startswith(prefix)][-1]

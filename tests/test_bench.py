@@ -76,8 +76,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert t["mfu"] is None and t["peak_mem_gib"] is None  # CUDA only
     e = r["export"]
     assert e["roundtrip_ok"] and e["artifact_bytes"] > 0 and e["total_bytes"] == e["artifact_bytes"] + e["code_bytes"]
-    assert 0 < e["max_rel_weight_err"] < 0.1
-    assert all(e[k] > 0 for k in ("calibration_s", "gptq_quantize_s", "compress_s", "fit_s"))  # the export's phases, timed
+    assert all(e[k] > 0 for k in ("calibration_s", "quantize_s", "search_s")) and e["rounds"] >= 1  # the export's phases, timed
+    assert e["total_bytes"] <= e["target_bytes"] and not e["over"]
     v = r["eval"]
     assert v["windows"] == 32 and v["windows_per_s"] > 0
     assert v["val_windows"] == math.ceil((bench_eval.VAL_TOKENS - 1 - 128) / 32) + 1

@@ -17,7 +17,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import frozen_code, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
+from conftest import artifact_of, frozen_code, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
 import artifact_codec
 import train_gpt
 from data.shards import write_shard  # noqa: E402
@@ -218,7 +218,7 @@ def test_roundtrip_loss_close_to_float_model(tmp_path):
         opt.step()
     model.eval()
     path = tmp_path / "m.ptz"
-    train_gpt.write_atomic(path, artifact_codec.assemble(*artifact_codec.artifact_parts(artifact_codec.quantize_state(model.state_dict()), args.meta())))
+    train_gpt.write_atomic(path, artifact_of(artifact_codec.quantize_state(model.state_dict()), args.meta()))
     meta, state = train_gpt.load_artifact(str(path))
     assert meta["config_hash"] == args.config_hash()
     rt = train_gpt.build_eval_model(meta["arch"], state, str(path), torch.device("cpu")).eval()

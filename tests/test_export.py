@@ -1,5 +1,5 @@
-"""Export (issue 15): GPTQ against independent expectations, the grouped artifact layout, fit-to-cap, and the
-same artifact from 1 and 2 ranks.
+"""The uniform export (issue 15, RATE_CONTROL=0): GPTQ against independent expectations, the artifact layout,
+fit-to-cap, the GPTQ reserve. (Rate control, 1 == 2 ranks, the clock lines: tests/test_rate.py.)
 
 Expectations: the layer's output error computed from X directly (not through H), GPTQ written as what it is
 meant to compute (each column rounded after the later columns were re-fitted by least squares to the errors
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import types
 
 import brotli
 import pytest
 import torch
 
-from conftest import ROOT, frozen_code, log_value, make_dataset, run_cli, run_two_ranks, tiny_env_for
+from conftest import artifact_of, frozen_code, log_value, make_dataset, run_cli, tiny_env_for
 import artifact_codec as ac
 import train_gpt as tg
 
@@ -111,7 +110,7 @@ def test_gptq_reduces_the_layer_output_error(qmax):
 def test_quant_bits_sets_the_int6_group_width(bits):
     """QUANT_BITS=b: the attention/MLP codes use all of, and stay in, [-(2^(b-1)-1), 2^(b-1)-1]; int8 stays int8."""
     args = tg.Hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="1", VE_LAYERS="1",
-                                   XSA_LAST_N="1", BIGRAM_DIM="8", VE_DIM="8", ROPE_DIMS="8", QUANT_BITS=str(bits)), "cpu")
+                                   XSA_LAST_N="1", BIGRAM_DIM="8", VE_DIM="8", ROPE_DIMS="8", QUANT_BITS=str(bits), RATE_CONTROL="0"), "cpu")
     torch.manual_seed(0)
     model = tg.build_model(args)
     with torch.no_grad():
@@ -124,7 +123,7 @@ def test_quant_bits_sets_the_int6_group_width(bits):
 
 
 def test_hessians_are_the_input_gram_matrices():
-    """collect_hessians == X^T X of each int6 matrix's input, captured by an independent forward hook."""
+    """collect_stats' H == X^T X of each linear layer's input, captured by an independent forward hook."""
     args = tg.Hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", VE_LAYERS="1",
                                    XSA_LAST_N="1", BIGRAM_DIM="8", VE_DIM="8", ROPE_DIMS="8", TRAIN_SEQ_LEN="16"), "cpu")
     torch.manual_seed(0)
@@ -134,7 +133,7 @@ def test_hessians_are_the_input_gram_matrices():
             p.normal_(0, 0.2)
     tokens = torch.randint(0, 1024, (8 * 2 * 16,))
     ctx = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
-    H = tg.collect_hessians(model, tokens, 16, ctx)
+    H = {n: st["H"] for n, st in tg.collect_stats(model, tokens, 16, ctx, False).items() if "H" in st}
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.setdefault(n, []).append(inp[0].reshape(-1, inp[0].size(-1))))
              for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -142,7 +141,7 @@ def test_hessians_are_the_input_gram_matrices():
         model.hidden(tokens.view(-1, 16))
     for h in hooks:
         h.remove()
-    assert set(H) == {n for n in model.state_dict() if n.endswith(ac.INT6_SUFFIXES)}
+    assert set(H) == {n for n in model.state_dict() if n.endswith(ac.INT6_SUFFIXES)} | {"bigram_proj.weight", "ve_proj.weight"}
     for name, h in H.items():
         x = torch.cat(seen[name[:-7]]).double()
         torch.testing.assert_close(h, x.T @ x, rtol=1e-5, atol=1e-6)
@@ -150,7 +149,9 @@ def test_hessians_are_the_input_gram_matrices():
     assert not torch.equal(H["blocks.0.attn.q.weight"], H["blocks.0.attn.proj.weight"])
 
 
-def test_grouped_layout_roundtrips_every_tensor_bitwise():
+def test_layout_roundtrips_every_tensor_bitwise():
+    """The file is the magic, then length-prefixed brotli streams: the rest (header, floats byte-shuffled), then one per
+    quantized tensor (tag 0, codes, shuffled scales; or tag 1, shuffled fp16 values); read_artifact gives them back."""
     g = torch.Generator().manual_seed(0)
     qstate = {"a.weight": {"kind": "int6", "q": torch.randint(-31, 32, (7, 5), generator=g, dtype=torch.int8),
                            "scale": torch.rand(7, generator=g).half()},
@@ -159,18 +160,29 @@ def test_grouped_layout_roundtrips_every_tensor_bitwise():
               "mat": {"kind": "float", "value": torch.randn(3, 6, generator=g).half()},
               "vec": {"kind": "float", "value": torch.randn(11, generator=g)},
               "scalar": {"kind": "float", "value": torch.tensor(0.05)},
-              "b.weight": {"kind": "int6", "q": torch.randint(-31, 32, (2, 3), generator=g, dtype=torch.int8),
-                           "scale": torch.rand(2, generator=g).half()}}
+              "b.weight": {"kind": "q", "value": torch.randn(2, 3, generator=g).half()},
+              "c.weight": {"kind": "q", "q": torch.randint(-3, 4, (4, 2), generator=g, dtype=torch.int8),
+                           "scale": torch.rand(4, generator=g).half()}}
     args = tg.Hyperparameters({}, preset="cpu")
-    six, rest = (brotli.decompress(b) for b in ac.artifact_parts(qstate, args.meta()))
-    assert six == qstate["a.weight"]["q"].numpy().tobytes() + qstate["b.weight"]["q"].numpy().tobytes()
-    assert len(rest.split(b"\n", 1)[1]) == 9 * 4 + 2 * (7 + 9 + 2) + 2 * 18 + 4 * 11 + 4
-    meta, back = ac.unpack(six, rest)
+    raw = artifact_of(qstate, args.meta())
+    assert raw[:8] == ac.ARTIFACT_MAGIC
+    streams, pos = [], 8
+    while pos < len(raw):
+        n = int.from_bytes(raw[pos:pos + 4], "little")
+        streams.append(brotli.decompress(raw[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    assert len(streams) == 1 + 4 and len(streams[0].split(b"\n", 1)[1]) == 2 * 18 + 4 * 11 + 4
+    assert streams[1] == b"\x00" + qstate["a.weight"]["q"].numpy().tobytes() + qstate["a.weight"]["scale"].view(torch.uint8).view(-1, 2).T.numpy().tobytes()
+    assert streams[3] == b"\x01" + qstate["b.weight"]["value"].view(torch.uint8).view(-1, 2).T.numpy().tobytes()
+    meta, back = ac.read_artifact(raw)
     assert meta == {"arch": args.arch(), "config_hash": args.config_hash()} and list(back) == list(qstate)
     for name, e in qstate.items():
+        assert set(back[name]) == set(e) and back[name]["kind"] == e["kind"], name
         for key, t in e.items():
             if key != "kind":
                 assert back[name][key].dtype == t.dtype and torch.equal(back[name][key], t), (name, key)
+    with pytest.raises(ac.ArtifactError):
+        ac.read_artifact(raw[:-3])
 
 
 def test_fit_zeroes_the_cheapest_ones_first_and_fits():
@@ -179,25 +191,26 @@ def test_fit_zeroes_the_cheapest_ones_first_and_fits():
     q = torch.clamp(torch.round(torch.randn(64, 96, generator=g) * 2), -31, 31).to(torch.int8)
     scale, h = torch.rand(64, generator=g).half() + 0.1, torch.rand(96, generator=g).double() + 0.1
     qstate = {"w": {"kind": "int6", "q": q, "scale": scale}, "f": {"kind": "float", "value": torch.ones(3)}}
-    size = len(brotli.compress(q.numpy().tobytes(), **ac.BROTLI))
-    stream, k, nbytes = ac.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.2)
-    assert stream is not None and nbytes == len(stream) <= size - 100 and 0 < k <= 0.2 * q.numel()
-    out = torch.frombuffer(bytearray(brotli.decompress(stream)), dtype=torch.int8).view_as(q)
-    zeroed = (q.abs() == 1) & (out == 0)
-    assert zeroed.sum() == k and torch.equal(out[~zeroed], q[~zeroed])
+    size = 4 + len(ac.compress(ac.stream_bytes(qstate["w"])))
+    streams, k, nbytes = ac.fit_int6(qstate, {"w": {"H": torch.diag(h)}}, size - 100, 0.2)
+    assert streams is not None and nbytes == 4 + len(streams["w"]) <= size - 100 and 0 < k <= 0.2 * q.numel()
+    out = ac.decode_stream(brotli.decompress(streams["w"]), [64, 96])
+    zeroed = (q.abs() == 1) & (out["q"] == 0)
+    assert zeroed.sum() == k and torch.equal(out["q"][~zeroed], q[~zeroed]) and torch.equal(out["scale"], scale)
     cost = (scale.float()[:, None] ** 2 * h.float()[None, :])
     assert cost[zeroed].max() <= cost[(q.abs() == 1) & ~zeroed].min()  # the cheapest first
-    assert ac.fit_int6(qstate, {"w": torch.diag(h)}, size - 100, 0.001)[0] is None  # 0.1% cannot save 100 B
+    assert ac.fit_int6(qstate, {"w": {"H": torch.diag(h)}}, size - 100, 0.001)[0] is None  # 0.1% cannot save 100 B
 
 
 # ----------------------------------------------------------------------------- CLI: fit to the cap
 @pytest.fixture(scope="module")
 def unfitted(tmp_path_factory, sample_paths):
-    """One tiny run at the default TARGET_BYTES, with a frozen copy of the code (its sizes are what the runs count)."""
+    """One tiny uniform-export run (RATE_CONTROL=0) at the default TARGET_BYTES, with a frozen copy of the code (its
+    sizes are what the runs count)."""
     root = tmp_path_factory.mktemp("fit")
     data = make_dataset(root / "data", sample_paths)
     code = frozen_code(root)
-    env = tiny_env_for(data, sample_paths)
+    env = tiny_env_for(data, sample_paths, RATE_CONTROL=0)
     p = run_cli(env, root, script=code / "train_gpt.py", RUN_ID="free")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     total = int(re.search(r"^Total submission size int6\+lzma: (\d+) bytes$", p.stdout, re.M).group(1))
@@ -250,39 +263,8 @@ def test_over_cap_keeps_the_model_evaluates_it_and_exits_4(unfitted):
     assert re.match(r"run_complete total_time:\S+ NOT a valid submission \(over_cap\)$", p.stdout.splitlines()[-1])
 
 
-# ----------------------------------------------------------------------------- 1 rank == 2 gloo ranks
-EXPORT = '''import sys, torch
-sys.path.insert(0, sys.argv[1])
-import artifact_codec as ac
-import train_gpt as tg
-args = tg.Hyperparameters()
-ctx = tg.DistContext(args)
-torch.manual_seed(0)
-model = tg.build_model(args)
-with torch.no_grad():  # every weight random (the init zeroes some projections)
-    for p in model.parameters():
-        p.normal_(0, 0.3 if p.ndim < 2 else p.size(-1) ** -0.5)
-stream = tg.TokenStream(args.data_path + "/fineweb_train_*.bin", args.vocab_size)
-print(tg.export(model, args, stream, ctx, print if ctx.rank == 0 else (lambda m: None), sys.argv[2], 0))
-tg.dist.destroy_process_group() if ctx.world > 1 else None
-'''
-
-
-def test_one_and_two_gloo_ranks_write_the_same_artifact(tmp_path, sample_paths):
-    data = make_dataset(tmp_path / "data", sample_paths)
-    (tmp_path / "export.py").write_text(EXPORT)
-    env = tiny_env_for(data, sample_paths, GPTQ_CALIB_TOKENS=4096)
-    cmd = [str(tmp_path / "export.py"), str(ROOT)]
-    one = run_cli(env, tmp_path, [str(ROOT), "one"], script=tmp_path / "export.py")
-    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
-    two = run_two_ranks([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         *cmd, "two"], tmp_path, env, timeout=120)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    assert "export quant:gptq calibration:4096 tokens" in one.stdout and "export quant:gptq calibration:4096" in two.stdout
-    a, b = (tmp_path / "artifacts" / "one.ptz").read_bytes(), (tmp_path / "artifacts" / "two.ptz").read_bytes()
-    assert a == b
-
-
+# ----------------------------------------------------------------------------- the training clock
+# (1 rank == 2 gloo ranks, byte for byte, with a slow compressor: tests/test_rate.py)
 def test_gptq_reserve_comes_off_the_training_clock(tmp_path, sample_paths):
     """MAX_WALLCLOCK_SECONDS=4 with GPTQ_RESERVE_SECONDS=3: training stops at the 1 s cap, not at 4 s."""
     data = make_dataset(tmp_path / "data", sample_paths)
@@ -292,6 +274,6 @@ def test_gptq_reserve_comes_off_the_training_clock(tmp_path, sample_paths):
     assert "gptq_reserve:3.0s training_cap:1.0s" in p.stdout
     stopped = float(log_value(p.stdout, "stopping_early", "train_time").rstrip("ms"))
     assert 1000 <= stopped < 4000, stopped
-    clip = run_cli(env, tmp_path, RUN_ID="no_reserve", QUANT="clip")  # without GPTQ nothing is reserved
+    clip = run_cli(env, tmp_path, RUN_ID="no_reserve", QUANT="clip", RATE_CONTROL=0)  # no calibration: nothing reserved
     assert clip.returncode == 0 and "gptq_reserve:" not in clip.stdout
     assert float(log_value(clip.stdout, "stopping_early", "train_time").rstrip("ms")) >= 4000

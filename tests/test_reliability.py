@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPT, make_dataset, run_cli, run_two_ranks, snapshot, tiny_env_for
+from conftest import ROOT, SCRIPT, artifact_of, make_dataset, run_cli, run_two_ranks, snapshot, tiny_env_for
 import artifact_codec
 import train_gpt
 from data.shards import write_shard  # noqa: E402
@@ -71,12 +71,13 @@ def truncate(path: Path, drop: int):
 def other_meta_artifact(w):
     """The base artifact with its recorded arch edited (MODEL_DIM 64 -> 128): the tensors no longer fit."""
     raw = w.base.artifact.read_bytes()
-    n = 12 + int.from_bytes(raw[8:12], "little")  # magic, int6 stream length, int6 stream, rest (header first)
-    head, body = brotli.decompress(raw[n:]).split(b"\n", 1)
+    n = 12 + int.from_bytes(raw[8:12], "little")  # magic, the rest's length, the rest (header first), the tensors' streams
+    head, body = brotli.decompress(raw[12:n]).split(b"\n", 1)
     head = json.loads(head)
     head["meta"]["arch"]["MODEL_DIM"] = 128
     path = w.root / "other.ptz"
-    path.write_bytes(raw[:n] + brotli.compress(json.dumps(head).encode() + b"\n" + body, **artifact_codec.BROTLI))
+    rest = brotli.compress(json.dumps(head).encode() + b"\n" + body, **artifact_codec.BROTLI)
+    path.write_bytes(raw[:8] + len(rest).to_bytes(4, "little") + rest + raw[n:])
     return {"EVAL_ONLY": "1", "ARTIFACT": str(path), "MODEL_DIM": "128"}  # matches the edited meta
 
 
@@ -94,7 +95,7 @@ def vocab512_artifact(w):
     env = {k: v for k, v in w.env.items() if k in {h.name for h in train_gpt.HPARAMS}}
     args = train_gpt.Hyperparameters(dict(env, VOCAB_SIZE="512"), preset="cpu")
     path = w.root / "v512.ptz"
-    path.write_bytes(artifact_codec.assemble(*artifact_codec.artifact_parts(artifact_codec.quantize_state(train_gpt.build_model(args).state_dict()), args.meta())))
+    path.write_bytes(artifact_of(artifact_codec.quantize_state(train_gpt.build_model(args).state_dict()), args.meta()))
     return {"EVAL_ONLY": "1", "ARTIFACT": str(path)}
 
 
@@ -168,6 +169,9 @@ CASES = {
     "artifact_other_config_tensors": (other_meta_artifact, "does not fit"),
     "artifact_vocab_vs_tokenizer": (vocab512_artifact, "VOCAB_SIZE=512"),
     "artifact_old_format": (old_format_artifact, "older format pgolf-int6-lzma-v1"),
+    "artifact_v2_format": (lambda w: put(w.root / "v2.ptz", b"PGOLFv2\n" + bytes(64), "ARTIFACT", EVAL_ONLY="1"),
+                           "older format pgolf-int6-v2"),
+    "quant_bits_with_rate_control": (lambda w: {"QUANT_BITS": "5"}, "QUANT_BITS=5 sets the uniform export"),
     "quant_unknown": (lambda w: {"QUANT": "int4"}, "QUANT='int4' must be one of gptq, clip"),
     "quant_bits_out_of_range": (lambda w: {"QUANT_BITS": "9"}, "QUANT_BITS=9 must lie in [2, 8]"),
     "gptq_calib_not_whole_slices": (lambda w: {"GPTQ_CALIB_TOKENS": "1000"}, "GPTQ_CALIB_TOKENS=1000 must be a multiple"),
