@@ -42,43 +42,52 @@ rule="dirichlet_evidence": the same q_max, mixed in only as far as it rests on c
   pays for an n-gram model that has nothing to say yet.
 
 rule="online" (the default): a Bayesian mixture of K experts, its weights learned from the targets
-already scored. With q_b, lambda_b the q_max and lambda above at concentration b, the experts are
-    p_0 = p_net;  p_{g,b} = (1 - g lambda_b) p_net + g lambda_b q_b  for each b in online_betas and
-    each g > 0 in online_grid;  p_{K-1} = the dirichlet_evidence mixture (alpha(H), beta)
-(K = 2 + (|grid| - 1) |betas|). Each row has a bucket known before its target:
-    bucket = k (|online_edges| + 1) + #{e in online_edges: e < H},  k = the longest context (n - 1
-    tokens) with c_n(ctx) >= min_count, 0 if none: max_order (|online_edges| + 1) buckets.
+already scored. It takes J >= 1 networks (`networks`; the evaluation hands the unadapted network as
+network 0 and the test-time-trained one as network 1), each a proper distribution p_j with entropy H_j.
+With q_b, lambda_b the q_max and lambda above at concentration b, each network brings E experts:
+    p_j;  (1 - g lambda_b) p_j + g lambda_b q_b  for each b in online_betas and each g > 0 in
+    online_grid;  (1 - alpha(H_j) lambda) p_j + alpha(H_j) lambda q  (the dirichlet_evidence rule)
+(E = 2 + (|grid| - 1) |betas|, K = J E; expert j E is network j alone). Each row has a bucket known
+before its target:
+    bucket = k n^J + sum_j bin_j n^j,  bin_j = #{e in online_edges: e < H_j},  n = |online_edges| + 1,
+    k = the longest context (n - 1 tokens) with c_n(ctx) >= min_count, 0 if none: max_order n^J buckets.
 The weights at row t are the posterior given the earlier targets of its bucket:
     L_k(t) = sum_{s before t, same bucket} -log p_k(y_s),
     w_k(t) = exp(-eta L_k(t)) / sum_j exp(-eta L_j(t)),   p(v) = sum_k w_k(t) p_k(v).
 "Before t": every target of the earlier chunks and, within its chunk, the earlier rows of the same
 batch row (a score_from_net call of B rows of T: the losses committed by earlier update() calls, plus
 rows (b, 0..t-1) at their targets y[b, :t]; the batch rows of one call are independent, as for the
-counts). The loss of an earlier target depends only on tokens up to x_t, so p(y_t) is still causal, and
-all of it computes in parallel: per bucket an exclusive prefix sum over a stable sort. score changes
-no state: update(tokens) adds the last score's losses to the learned sums when its tokens end with that
-score's targets (y row-major); tokens that were not scored add counts only. distribution(logits, x)
-takes the rows' next inputs x[b, P+t+1] as the targets of the rows before (what score uses whenever the
-rows are windows of a stream). Losses are summed in fixed point: -log p_k(y) rounded to 2**-28 nats and
-clamped to [0, 128] nats, so every sum is exact in any order (the whole-stream path is bitwise the
-streaming one; a call of M targets raises OverflowError if M + the fullest bucket's targets
-reach 2**27, before any sum could pass 2**62).
+counts). The loss of an earlier target depends only on tokens up to x_t (and on each network's
+p_j(y_s), itself causal), so p(y_t) is still causal, and all of it computes in parallel: per bucket an
+exclusive prefix sum over a stable sort, one expert at a time. score changes no state: update(tokens)
+adds the last score's losses to the learned sums when its tokens end with that score's targets (y
+row-major); tokens that were not scored add counts only. distribution(logits, x) takes the rows' next
+inputs x[b, P+t+1] as the targets of the rows before (what score uses whenever the rows are windows of
+a stream). Losses are summed in fixed point: -log p_k(y) rounded to 2**-28 nats and clamped to
+[0, 128] nats, so every sum is exact in any order (the whole-stream path is bitwise the streaming one;
+a call of M targets raises OverflowError if M + the fullest bucket's targets reach 2**27, before any
+sum could pass 2**62).
 Bound (eta <= 1, one row per call as in the evaluation): in every bucket with n targets, whenever each
 expert's loss is below 128 nats (p_k(y) > e^-128),
     sum_t -log p(y_t) <= min_k sum_t -log p_k(y_t) + (log K) / eta + 2**-28 n,
 since -log sum_k w_k p_k <= -(1/eta) log sum_k w_k p_k^eta telescopes to -(1/eta) log (1/K) sum_k
-exp(-eta L_k(end)). p_0 is the network alone and p_{K-1} the dirichlet_evidence rule, so over the stream
-the mixture is worse than either by at most (buckets with targets) (log K) / eta + 2**-28 N nats.
+exp(-eta L_k(end)). Each network alone and its dirichlet_evidence rule are experts, so over the stream
+the mixture is worse than any of them by at most (buckets with targets) (log K) / eta + 2**-28 N nats.
+At eta = 1 the sum is exactly -log (1/K) sum_k exp(-L_k(end)) >= min_k L_k(end) per bucket, and the
+buckets of J networks refine those of any one of them: so the mixture over J networks is worse than
+rule online over network j alone by at most (its buckets with targets) log K + 2**-28 N nats. In the
+evaluation: test-time training, however harmful, costs at most that against not training at all.
 
 Each level is a convex combination of proper distributions, and alpha, lambda, w_k in [0, 1] depend
 only on H, on counts of the past and on losses of targets already scored, never on v, so
-sum_v p(v) = 1 exactly for every rule; p(y) needs only p_net(y) and H: the distributed evaluation
-gathers just those two numbers per position (`score_from_net`). Row t uses only the stream, x_{..t}
-and y_t (and, rule online, the targets of the rows before it).
+sum_v p(v) = 1 exactly for every rule; p(y) needs only each network's p_net(y) and H: the distributed
+evaluation gathers just those two numbers per position and network (`score_from_net`). Row t uses only
+the stream, x_{..t} and y_t (and, rule online, the targets of the rows before it).
 The default rule is "online" (grid 0, .1, .3, .6, .9; betas 2, 8, 32, 128; edges 2, 4 nats; eta 1:
-K = 18, 30 buckets): where the network is the true model it costs +0.0003 nats/token at 200k tokens,
-against +0.11 for "dirichlet_evidence", and it beat that rule on every held-out text measured, with
-the trained model and with proxy networks (docs/mixer.md).
+one network: K = 18, 30 buckets; two: K = 36, 90 buckets): where the network is the true model it
+costs +0.0003 nats/token at 200k tokens (one network), against +0.11 for "dirichlet_evidence", and it
+beat that rule on every held-out text measured, with the trained model and with proxy networks
+(docs/mixer.md).
 
 Storage. Unigram counts are a dense [V] vector and bigram counts a dense [V*V] one (for
 V <= 2048). Every longer gram that occurred is one 16-byte row of a linear-probing table keyed
@@ -149,44 +158,27 @@ _LOSS_BITS, _LOSS_MAX = 28, 128.0         # 2**-28 nats, at most 2**35 per targe
 _MAX_TARGETS = 1 << 27                    # 2**27 targets in a bucket its sums stay below 2**62
 
 
-def _fixed_losses(expert, at, K: int, M: int, device) -> torch.Tensor:
-    """[K+1, M] int64: -log at(expert(k)) (each expert's probability of each row's target) in units of
-    2**-_LOSS_BITS nats, rounded, clamped to [0, _LOSS_MAX] nats; the last row 1 (it counts targets)."""
-    out = torch.ones(K + 1, M, dtype=torch.int64, device=device)
-    for k in range(K):                           # one expert at a time: [M] temporaries only
-        out[k] = (-torch.log(at(expert(k)))).clamp_(0.0, _LOSS_MAX).mul_(2.0 ** _LOSS_BITS).round_()   # (exact)
-    return out
-
-
-def _group_prefix_(v: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """In place, per row of v [J, M] (int64, exact): v[:, m] becomes the sum of v[:, m'] over the earlier
-    m' < m with key[m'] == key[m]. Returns v."""
+def _group_prefix(key: torch.Tensor):
+    """f(v) for v [M] int64: v[m] replaced by the sum of v[m'] over the earlier m' < m with key[m'] == key[m]
+    (exact: integers). One stable sort of key serves every v."""
     M = key.numel()
     o = torch.argsort(key, stable=True)
     ks = key[o]
     start = torch.ones(M, dtype=torch.bool, device=key.device)
     start[1:] = ks[1:] != ks[:-1]
     first = torch.where(start, torch.arange(M, device=key.device), 0).cummax(0).values
-    step = max(1, (1 << 22) // max(M, 1))        # rows at a time: temporaries of at most 2**22 entries
-    for j in range(0, v.shape[0], step):
-        vs = v[j:j + step].index_select(1, o)
-        ex = vs.cumsum(1).sub_(vs)               # exclusive prefix in sorted order
-        v[j:j + step].index_copy_(1, o, ex.sub_(ex.index_select(1, first)))
-    return v
+    del ks, start
 
-
-def _weighted(expert, L: torch.Tensor, eta: float) -> torch.Tensor:
-    """sum_k w_k expert(k) [M, C] with w_k proportional to exp(-eta L_k 2**-_LOSS_BITS), L [K, M]. One
-    expert at a time (elementwise, so the same bits for any number of rows; [M, C] temporaries)."""
-    L0, num, den = L.min(0).values, 0.0, 0.0
-    for k in range(L.shape[0]):
-        w = (L[k] - L0).double().mul_(-eta * 2.0 ** -_LOSS_BITS).exp_()[:, None]
-        num, den = num + expert(k) * w, den + w
-    return num / den
+    def prefix(v: torch.Tensor) -> torch.Tensor:
+        vs = v.index_select(0, o)
+        ex = vs.cumsum(0).sub_(vs)               # exclusive prefix in sorted order
+        return torch.empty_like(v).index_copy_(0, o, ex.sub_(ex.index_select(0, first)))
+    return prefix
 
 
 class _MixerAPI:
     """score / distribution in terms of score_from_net (one code path)."""
+    networks = 1
 
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.shape[-1] != self.V:
@@ -196,35 +188,42 @@ class _MixerAPI:
         """Where the learned weights of one call come from (rule online); None: no learned weights."""
         return None
 
+    def _per_net(self, v, M: int, name: str) -> torch.Tensor:
+        """A per-position input of every network ([M] numbers each, any shape, networks first) -> [J, M] float64."""
+        if v.numel() != self.networks * M:
+            raise ValueError(f"{name}: {tuple(v.shape)} holds {v.numel()} numbers, not {self.networks} network(s) x {M}")
+        return v.to(self.device).double().reshape(self.networks, M)
+
     def score(self, logits, x, y):
-        """[B,T,V], [B,P+T], [B,T] -> [B,T] NLL (nats) of the mixed distribution; state unchanged."""
+        """[J,B,T,V] (J = networks; [B,T,V] for one), [B,P+T], [B,T] -> [B,T] NLL (nats) of the mixed
+        distribution; state unchanged."""
         self._check_logits(logits)
         y = y.to(logits.device).long()
         _check_tokens(y, self.V, "y")
-        logp_y, H = _net_stats(logits, y)
+        logp_y, H = _net_stats(logits, y.expand(logits.shape[:-1]))
         return self.score_from_net(logp_y, H, x, y)
 
     def score_from_net(self, logp_y, entropy, x, y):
-        """log p_net(y) [B,T], H [B,T], x [B,P+T], y [B,T] -> [B,T] NLL in nats (at least fp32)."""
+        """log p_net(y) [J,B,T], H [J,B,T] (each network's; [B,T] for one), x [B,P+T], y [B,T] -> [B,T] NLL in
+        nats (at least fp32)."""
         x, y = x.to(self.device).long(), y.to(self.device).long()
         _check_tokens(x, self.V, "x")
         _check_tokens(y, self.V, "y")
         B, T = y.shape
         rev_x, t_in = self._rows(x, B, T)
-        p = self._mix(logp_y.to(self.device).double().exp().reshape(B * T, 1),
-                      entropy.to(self.device).double().reshape(B * T), rev_x, t_in, y.reshape(B * T, 1),
-                      self._learner(B, T, y.reshape(B * T)))
+        p = self._mix(self._per_net(logp_y, B * T, "logp_y").exp()[..., None], self._per_net(entropy, B * T, "entropy"),
+                      rev_x, t_in, y.reshape(B * T, 1), self._learner(B, T, y.reshape(B * T)))
         return (-torch.log(p)).reshape(B, T).to(torch.promote_types(logp_y.dtype, torch.float32))
 
     def distribution(self, logits, x, rows_per_call: int = 256):
-        """[B,T,V], [B,P+T] -> [B,T,V]: the full distribution whose value at y score() returns
-        (rule online: for targets y[:, t] = x[:, P+t+1], the rows' next inputs, as in a stream)."""
+        """[J,B,T,V] ([B,T,V] for one network), [B,P+T] -> [B,T,V]: the full distribution whose value at y score()
+        returns (rule online: for targets y[:, t] = x[:, P+t+1], the rows' next inputs, as in a stream)."""
         self._check_logits(logits)
         x = x.to(self.device).long()
         _check_tokens(x, self.V, "x")
         logp, H = _net_stats(logits.to(self.device))
-        B, T, V = logp.shape
-        pnet, H = logp.double().exp().reshape(B * T, V), H.double().reshape(B * T)
+        B, T, V = logp.shape[-3:]
+        pnet, H = logp.double().exp().reshape(-1, B * T, V), self._per_net(H, B * T, "logits")
         rev_x, t_in = self._rows(x, B, T)
         cand = torch.arange(V, device=self.device).expand(B * T, V)
         nxt = torch.cat([x[:, x.shape[1] - T + 1:], x[:, :1]], 1).reshape(B * T)   # (a row's last: unused)
@@ -232,7 +231,7 @@ class _MixerAPI:
         out = torch.empty(B * T, V, dtype=torch.float64, device=self.device)
         for i in range(0, B * T, rows_per_call):
             r = slice(i, i + rows_per_call)
-            out[r] = self._mix(pnet[r], H[r], rev_x[r], t_in[r], cand[r],
+            out[r] = self._mix(pnet[:, r], H[:, r], rev_x[r], t_in[r], cand[r],
                                learn and (learn[0][r], learn[1][r], learn[2]))
         return out.reshape(B, T, V)
 
@@ -651,7 +650,7 @@ def online_settings(online_grid=ONLINE["online_grid"], online_betas=ONLINE["onli
 
 def check_settings(vocab_size: int = 1024, max_order: int = 10, min_count: int = 1, alpha_base: float = 0.20,
                    alpha_range: float = 0.55, alpha_center: float = 3.0, rule: str = "online",
-                   beta: float = 32.0, **online) -> None:
+                   beta: float = 32.0, networks: int = 1, **online) -> None:
     """Raise SettingError for the first setting out of range; allocates nothing, compiles nothing."""
     if vocab_size < 2:
         raise SettingError("vocab_size", vocab_size, "must be >= 2")
@@ -671,6 +670,8 @@ def check_settings(vocab_size: int = 1024, max_order: int = 10, min_count: int =
                                                        f"(so that alpha(H) stays in [0, 1])")
     if not math.isfinite(alpha_center):
         raise SettingError("alpha_center", alpha_center, "must be finite")
+    if networks < 1 or (networks > 1 and rule != "online"):
+        raise SettingError("networks", networks, "must be 1, or more with rule online (the only rule that weighs networks)")
     online_settings(**online)
 
 
@@ -682,18 +683,21 @@ class BackoffNgramMixer(_MixerAPI):
     def __init__(self, vocab_size: int = 1024, max_order: int = 10, min_count: int = 1,
                  alpha_base: float = 0.20, alpha_range: float = 0.55, alpha_center: float = 3.0,
                  device="cpu", rule: str = "online", beta: float = 32.0, expected_tokens: int | None = None,
-                 **online):
+                 networks: int = 1, **online):
         """expected_tokens: stream length to pre-size the gram table for (it grows on demand anyway);
         None: 2**24 rows (256 MiB). The table is allocated on first use (score/update), never by
-        score_stream. online: online_grid, online_betas, online_edges, online_eta (rule online)."""
-        check_settings(vocab_size, max_order, min_count, alpha_base, alpha_range, alpha_center, rule, beta, **online)
+        score_stream. networks: how many network distributions each call hands in (more than 1: rule
+        online). online: online_grid, online_betas, online_edges, online_eta (rule online)."""
+        check_settings(vocab_size, max_order, min_count, alpha_base, alpha_range, alpha_center, rule, beta, networks,
+                       **online)
         self.V, self.max_order, self.min_count, self.rule, self.beta = vocab_size, max_order, min_count, rule, beta
+        self.networks = networks
         self.alpha = (alpha_base, alpha_range, alpha_center)
         self.device = torch.device(device)
         self.grid, self.betas, edges, self.eta = online_settings(**online)
         self.edges = torch.tensor(edges, dtype=torch.float64, device=self.device)
-        self.n_buckets = max_order * (len(edges) + 1)               # (longest context with counts, entropy bin)
-        self.n_experts = 2 + (len(self.grid) - 1) * len(self.betas) if rule == "online" else 1
+        self.n_buckets = max_order * (len(edges) + 1) ** networks   # (longest context with counts, entropy bins)
+        self.n_experts = networks * (2 + (len(self.grid) - 1) * len(self.betas)) if rule == "online" else 1
         self._sums = torch.zeros(self.n_buckets, self.n_experts + 1, dtype=torch.int64, device=self.device)
         self._pending = None    # the last score's (targets, buckets, fixed-point losses), for update
         self.stream_sums = None  # score_stream's final loss sums (rule online), for learned()
@@ -851,7 +855,7 @@ class BackoffNgramMixer(_MixerAPI):
 
     # --- probabilities ----------------------------------------------------------------------
     def _mix(self, pnet, H, rev_x, t_in, cand, learn=None):
-        """Mixed probability at candidates cand [M, C] given p_net(cand) [M, C] and H [M]
+        """Mixed probability at candidates cand [M, C] given each network's p_net(cand) [J, M, C] and H [J, M]
         (learn: rule online's weights, see _learned).
         With C == 1 (score) every order's target count comes from one lookup whose keys and
         slots are kept for update(); the context counts of row t are then the target counts
@@ -910,8 +914,9 @@ class BackoffNgramMixer(_MixerAPI):
             toks[1 + j] = xp[:, K1 + P - j: K1 + P - j + T].reshape(-1)
         t_in = np.tile(np.arange(P, P + T), B)
         tc, cc = self._score_counts_np(toks, t_in)
-        pnet = logp_y.double().exp().reshape(-1).numpy()
-        a = _alpha(entropy.double().reshape(-1), *self.alpha).numpy()
+        pnets, H = self._per_net(logp_y, B * T, "logp_y").exp(), self._per_net(entropy, B * T, "entropy")
+        alphas = _alpha(H, *self.alpha)
+        pnet, a = pnets[0].numpy(), alphas[0].numpy()                     # (the other rules: one network)
         p1 = (self.uni.numpy()[toks[0]].astype(np.float64) + 1.0) / (self.N + self.V)
         ok = cc >= self.min_count
         if self.rule == "backoff":
@@ -927,9 +932,8 @@ class BackoffNgramMixer(_MixerAPI):
             q, keep = qs[self.beta]
             if self.rule == "online":                       # the experts and their weights in torch, as _combine
                 col = lambda v: torch.from_numpy(v)[:, None]
-                expert = self._experts(col(pnet), col(a), {b: (col(v), 1 - col(k)) for b, (v, k) in qs.items()})
-                bucket = self._bucket(torch.from_numpy((ok * np.arange(1, K1 + 1)[:, None]).max(0)),
-                                      entropy.double().reshape(-1))
+                expert = self._experts(pnets[..., None], alphas[..., None], {b: (col(v), 1 - col(k)) for b, (v, k) in qs.items()})
+                bucket = self._bucket(torch.from_numpy((ok * np.arange(1, K1 + 1)[:, None]).max(0)), H)
                 p = self._learned(expert, bucket, self._learner(B, T, torch.from_numpy(yn.reshape(-1))))
                 return (-torch.log(p)).reshape(B, T).to(torch.promote_types(logp_y.dtype, torch.float32))
             if self.rule == "dirichlet_evidence":
@@ -992,11 +996,13 @@ class BackoffNgramMixer(_MixerAPI):
                 cc[j] -= match
         return tc, cc * avail
 
-    def _combine(self, pnet, H, cc, p1, target_counts, learn=None):
-        """The rules. pnet, p1 [M, C]; cc [M, K1] context counts (0 where unavailable);
-        target_counts(need [M, K1]) -> c_n(ctx, cand) [M, C, K1], needed only where `need`."""
+    def _combine(self, pnets, Hs, cc, p1, target_counts, learn=None):
+        """The rules. pnets [J, M, C] and entropies Hs [J, M] of the J networks (the rules but online: J = 1);
+        p1 [M, C]; cc [M, K1] context counts (0 where unavailable); target_counts(need [M, K1]) -> c_n(ctx, cand)
+        [M, C, K1] (int64), needed only where `need`."""
         K1 = self.max_order - 1
-        a = _alpha(H, *self.alpha)[:, None]
+        alphas = _alpha(Hs, *self.alpha)[..., None]
+        pnet, a = pnets[0], alphas[0]
         ok = cc >= self.min_count
         if self.rule == "backoff":
             n_star = (ok * torch.arange(1, K1 + 1, device=ok.device)).amax(1) + 1   # 1: no order
@@ -1006,7 +1012,7 @@ class BackoffNgramMixer(_MixerAPI):
             c_ctx = (cc.gather(1, col) * has).double()
             p_ng = torch.where(has, c_ng / c_ctx.clamp(min=1), p1)
             return (1 - a) * pnet + a * p_ng
-        tcnt = target_counts(ok).double()                        # (int64 -> double: exact)
+        tcnt = target_counts(ok)                                 # (int64, made double column by column: exact)
 
         def hierarchy(beta):                                     # -> q_max, lambda
             den = (cc + beta).double()                           # cc + beta in float32, widened exactly
@@ -1020,30 +1026,36 @@ class BackoffNgramMixer(_MixerAPI):
             qs = {self.beta: (q, lam), **{b: hierarchy(b) for b in self.betas if b != self.beta}}
             del tcnt
             n_star = (ok * torch.arange(1, K1 + 1, device=ok.device)).amax(1)
-            return self._learned(self._experts(pnet, a, qs), self._bucket(n_star, H), learn)
+            return self._learned(self._experts(pnets, alphas, qs), self._bucket(n_star, Hs), learn)
         if self.rule == "dirichlet_evidence":
             a = a * lam
         return (1 - a) * pnet + a * q
 
     # --- rule online ------------------------------------------------------------------------
-    def _experts(self, pnet, a, qs):
-        """expert(k) -> [M, C], k < K: p_net; (1 - g lambda_b) p_net + g lambda_b q_b for each beta b of
-        online_betas and each g > 0 of online_grid; (1 - alpha(H) lambda) p_net + alpha(H) lambda q at
-        beta (the default rule). qs: beta -> (q_max [M, C], lambda [M, 1]). Made on demand, twice
-        (losses, then weights): K of them at [M, C] at once would be the largest arrays of the pass."""
-        G = len(self.grid) - 1
+    def _experts(self, pnets, alphas, qs):
+        """expert(k) -> [M, C], k < K: for each network j (E = K / J experts each, k = j E + i), with p = its
+        distribution pnets[j] [M, C] and alpha = alphas[j] [M, 1]: i = 0: p; then (1 - g lambda_b) p + g lambda_b q_b
+        for each beta b of online_betas and each g > 0 of online_grid; last, (1 - alpha lambda) p + alpha lambda q
+        at beta (the default rule). qs: beta -> (q_max [M, C], lambda [M, 1]). Made on demand (losses, then
+        weights): K of them at [M, C] at once would be the largest arrays of the pass."""
+        G, E = len(self.grid) - 1, self.n_experts // self.networks
 
         def expert(k):
+            (j, k), nb = divmod(k, E), len(self.betas) * G
             if k == 0:
-                return pnet
-            q, lam = qs[self.betas[(k - 1) // G]] if k <= len(self.betas) * G else qs[self.beta]
-            w = lam * self.grid[1 + (k - 1) % G] if k <= len(self.betas) * G else a * lam
-            return (1 - w) * pnet + w * q
+                return pnets[j]
+            q, lam = qs[self.betas[(k - 1) // G]] if k <= nb else qs[self.beta]
+            w = lam * self.grid[1 + (k - 1) % G] if k <= nb else alphas[j] * lam
+            return (1 - w) * pnets[j] + w * q
         return expert
 
-    def _bucket(self, n_star, H):
-        """Bucket of a row: k (the longest context with counts, 0..max_order-1) * (entropy bins) + #edges < H."""
-        return n_star * (self.edges.numel() + 1) + torch.bucketize(H, self.edges)
+    def _bucket(self, n_star, Hs):
+        """Bucket of a row: k (the longest context with counts, 0..max_order-1) and each network's entropy bin
+        (#edges < H_j), as the number k n^J + sum_j bin_j n^j (n = entropy bins, J = networks)."""
+        b = n_star
+        for H in reversed(Hs):
+            b = b * (self.edges.numel() + 1) + torch.bucketize(H, self.edges)
+        return b
 
     def _learner(self, B, T, tgt):
         """Rule online in a call of B rows of T: (batch row of each position, its target tgt [B*T], loss
@@ -1056,40 +1068,59 @@ class BackoffNgramMixer(_MixerAPI):
         """The mixture sum_k w_k expert(k) [M, C] of the K experts, each row's weights from its bucket's
         loss sums: learn = (batch row of each row, or None: one stream; each row's target, or None: the
         candidates, C == 1; sums [rows * buckets, K+1] so far, the last column counting targets, updated
-        in place). Scoring (C == 1, rows given) keeps its losses for update()."""
+        in place). Scoring (C == 1, rows given) keeps its losses for update(). One expert at a time ([M]
+        temporaries): a first pass finds each row's smallest loss sum L0, a second weighs."""
         row, tgt, sums = learn
         M, K = bucket.numel(), self.n_experts
         if M + int(sums[:, -1].max()) >= _MAX_TARGETS:
             raise OverflowError(f"rule online: {M} targets more than the {int(sums[:, -1].max())} of a bucket reach "
                                 f"{_MAX_TARGETS}, past what its exact loss sums hold: split the stream")
         at = lambda e: e[:, 0] if tgt is None or e.shape[1] == 1 else e.gather(1, tgt[:, None])[:, 0]
-        ql = _fixed_losses(expert, at, K, M, bucket.device)          # [K+1, M]
-        if row is None:                                  # one stream, from zero sums: L in ql's memory
-            sums.index_add_(0, bucket, ql.T)
-            L = _group_prefix_(ql, bucket)[:K]
-        else:
-            key = row * self.n_buckets + bucket
-            L = (_group_prefix_(ql.clone(), key) + sums.index_select(0, key).T)[:K]
-            sums.index_add_(0, key, ql.T)
-            if tgt is not None and expert(0).shape[1] == 1:
-                self._pending = (tgt, bucket, ql)
-        return _weighted(expert, L, self.eta)
+        key = bucket if row is None else row * self.n_buckets + bucket
+        prefix, pending = _group_prefix(key), [] if row is not None and tgt is not None and expert(0).shape[1] == 1 else None
+
+        def losses(k):  # -log p_k(y) in units of 2**-_LOSS_BITS nats, rounded (exact), clamped to [0, _LOSS_MAX] nats
+            return (-torch.log(at(expert(k)))).clamp_(0.0, _LOSS_MAX).mul_(2.0 ** _LOSS_BITS).round_().long()
+
+        def loss_sums(ql, k):  # expert k's loss over each row's earlier targets of its bucket, committed ones included
+            return prefix(ql).add_(sums[:, k].index_select(0, key))
+        L0 = None
+        for k in range(K):
+            Lk = loss_sums(losses(k), k)
+            L0 = Lk if L0 is None else torch.minimum(L0, Lk)
+        num, den = 0.0, 0.0
+        for k in range(K):                       # w_k = exp(-eta (L_k - L0)), elementwise: the same bits for any M
+            ql = losses(k)
+            w = (loss_sums(ql, k) - L0).double().mul_(-self.eta * 2.0 ** -_LOSS_BITS).exp_()[:, None]
+            num, den = num + expert(k) * w, den + w
+            sums[:, k].index_add_(0, key, ql)
+            if pending is not None:
+                pending.append(ql)
+        sums[:, K].index_add_(0, key, torch.ones_like(key))
+        if pending is not None:           # (streaming) for update(): this score's losses, committed there
+            self._pending = (tgt, bucket, torch.stack(pending + [torch.ones_like(key)]))
+        return num / den
 
     def learned(self, sums=None) -> str:
         """What rule online learned, one line: per bucket with targets ("k,h": longest context k, entropy
-        bin h), its targets, the expert of largest weight and the network alone's weight. sums: loss sums
+        bin h), its targets, the expert of largest weight and network 0 alone's weight (with J > 1 networks,
+        also each network's share of the weight, its experts' names ending in /j). sums: loss sums
         [buckets, K+1] (default: those of the last score_stream, else the ones committed by update)."""
         sums = (self.stream_sums if self.stream_sums is not None else self._sums) if sums is None else sums
-        names = ["net"] + [f"g{g:g}b{b:g}" for b in self.betas for g in self.grid[1:]] + ["default"]
+        J = self.networks
+        names = [n + (f"/{j}" if J > 1 else "") for j in range(J)
+                 for n in ["net"] + [f"g{g:g}b{b:g}" for b in self.betas for g in self.grid[1:]] + ["default"]]
         nh, out = self.edges.numel() + 1, []
         for i in (sums[:, -1] > 0).nonzero().squeeze(1).tolist():
+            bins = "/".join(str(i // nh ** j % nh) for j in range(J))
             L = sums[i, :-1].cpu()
             w = torch.softmax(-(L - L.min()).double() * (self.eta * 2.0 ** -_LOSS_BITS), 0)
-            k = int(w.argmax())
-            out.append(f"{i // nh},{i % nh}:{int(sums[i, -1])}:{names[k]}@{w[k]:.2f},net@{w[0]:.2f}")
+            k, share = int(w.argmax()), "/".join(f"{v:.2f}" for v in w.view(J, -1).sum(1).tolist())
+            out.append(f"{i // nh ** J},{bins}:{int(sums[i, -1])}:{names[k]}@{w[k]:.2f},net@{w[0]:.2f}"
+                       + (f",nets@{share}" if J > 1 else ""))
         edges = ",".join(f"{e:g}" for e in self.edges.tolist())
-        return (f"experts:{self.n_experts} buckets(context,H bin of {edges or 'none'} nats):targets:best@weight,"
-                f"net@weight " + " ".join(out))
+        return (f"experts:{self.n_experts} buckets(context,H bin{'s' if J > 1 else ''} of {edges or 'none'} nats):targets:best@weight,"
+                f"net@weight{',nets@share' if J > 1 else ''} " + " ".join(out))
 
     # --- whole-stream path ------------------------------------------------------------------
     def score_stream(self, tokens, logp_y, entropy, chunk: int):
@@ -1097,7 +1128,7 @@ class BackoffNgramMixer(_MixerAPI):
         mixer's settings give streaming from an empty state: update(tokens[:1]), then for each
         chunk of `chunk` targets: score_from_net with full contexts, update(those targets).
         So target i is scored against the history tokens[0 .. h_i - 1], h_i = the position of
-        the first target of its chunk. logp_y, entropy: [N-1]. Uses no state, changes none (rule
+        the first target of its chunk. logp_y, entropy: [J, N-1] (J = networks; [N-1] for one). Uses no state, changes none (rule
         online leaves its final loss sums in stream_sums, for learned()).
         Counts come from one stable sort per gram length: sorted by (key, position), the history
         count of the gram at p is the number of its group's members before p's own chunk (for
@@ -1105,9 +1136,9 @@ class BackoffNgramMixer(_MixerAPI):
         s = tokens.to(self.device).long().reshape(-1)
         _check_tokens(s, self.V, "tokens")
         N, K = s.numel(), self.max_order
-        if chunk < 1 or N < 2 or logp_y.numel() != N - 1 or entropy.numel() != N - 1:
-            raise ValueError(f"need chunk >= 1, N >= 2 tokens and N-1 logp_y/entropy, got {chunk}, {N}, "
-                             f"{logp_y.numel()}, {entropy.numel()}")
+        if chunk < 1 or N < 2:
+            raise ValueError(f"need chunk >= 1 and N >= 2 tokens, got {chunk}, {N}")
+        pnets, Hs = self._per_net(logp_y, N - 1, "logp_y").exp()[..., None], self._per_net(entropy, N - 1, "entropy")
         pos = torch.arange(N, device=self.device)
         i = pos[1:]                                                      # target positions
         h = ((i - 1) // chunk) * chunk + 1                               # history size at scoring
@@ -1146,10 +1177,8 @@ class BackoffNgramMixer(_MixerAPI):
             if L < K:
                 cc[:, j] = count(torch.div(pos, chunk, rounding_mode="floor"))[:-1] * (i - 1 >= j)
         del hi, lo, o_lo, o, ka, kb, sa, sb, new, gstart, older, fit    # the sorts' arrays: memory for the rule
-        pnet = logp_y.to(self.device).double().exp().reshape(-1, 1)
         p1 = (tc[:, :1].double() + 1.0) / (h[:, None] + self.V)
         learn = self.rule == "online" and (None, None, torch.zeros_like(self._sums))
-        p = self._combine(pnet, entropy.to(self.device).double().reshape(-1), cc, p1,
-                          lambda need: tc[:, None, 1:], learn or None)
+        p = self._combine(pnets, Hs, cc, p1, lambda need: tc[:, None, 1:], learn or None)
         self.stream_sums = learn[2] if learn else None
         return (-torch.log(p)).reshape(-1).to(torch.promote_types(logp_y.dtype, torch.float32))

@@ -153,7 +153,7 @@ HPARAMS = [
     HP("TTT_BATCH_SEQS", 32, 4, ">=1"),
     HP("TTT_GRAD_CLIP", 1.0, None, ">=0"),
     HP("TTT_PARAMS", "."),
-    HP("TTT_BASELINE", 1, 0, "0/1"),
+    HP("EVAL_BUDGET_SECONDS", 540.0, 0.0, ">=0"),  # the evaluation's clock (0: none): TTT stops adapting to keep it
     HP("EVAL_ONLY", 0, None, "0/1", "run"),
     HP("ARTIFACT", "", role="run"),
     HP("EVAL_DUMP", "", role="run"),
@@ -866,7 +866,8 @@ def autocast(device: torch.device):
 
 
 def make_stats_fn(model: GPT, args: Hyperparameters):
-    return torch.compile(model.target_stats) if args.compile else model.target_stats
+    """target_stats, compiled once per input shape (static: batches are padded to few shapes)."""
+    return torch.compile(model.target_stats, dynamic=False) if args.compile else model.target_stats
 
 
 def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float, cap_s: float) -> float:
@@ -883,7 +884,8 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float, cap_s: fl
 
 
 def eval_val(stats_fn, tokens: Tensor, luts, seq_len: int, batch_tokens: int, ctx) -> tuple[float, float]:
-    """Loss and BPB on non-overlapping seq_len windows of the stream (sharded across ranks, summed)."""
+    """Loss and BPB on non-overlapping seq_len windows of the stream (sharded across ranks, summed); every batch has
+    one shape (a short one is padded with rows that count nothing)."""
     n_seqs = (tokens.numel() - 1) // seq_len
     lo, hi = n_seqs * ctx.rank // ctx.world, n_seqs * (ctx.rank + 1) // ctx.world
     per_batch = max(batch_tokens // (seq_len * ctx.world), 1)
@@ -894,7 +896,7 @@ def eval_val(stats_fn, tokens: Tensor, luts, seq_len: int, batch_tokens: int, ct
             chunk = tokens[s * seq_len:e * seq_len + 1].to(ctx.device, torch.int64)
             x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
             with autocast(ctx.device):
-                logp, _ = stats_fn(x, y, 0)
+                logp = stats_fn(*(F.pad(t, (0, 0, 0, per_batch - (e - s))) for t in (x, y)), 0)[0][:e - s]
             sums += torch.stack([-logp.double().sum(), torch.tensor(y.numel(), device=ctx.device, dtype=torch.float64),
                                  target_bytes(x, y, luts).double().sum()])
     if ctx.world > 1:
@@ -1162,29 +1164,32 @@ def rank_span(starts: list[int], rank: int, world: int, L: int, S: int, N: int) 
 
 def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log, adapt=None) -> tuple[Tensor, Tensor]:
     """Neural pass: per target position of the stream, log p(y) and the entropy H, from windows of
-    EVAL_SEQ_LEN every EVAL_STRIDE (batches of EVAL_BATCH_SEQS), windows sharded across ranks, gathered. With `adapt`
-    (TTT) the windows are cut in order into chunks of TTT_CHUNK_TOKENS/EVAL_STRIDE: a chunk is scored with the current
-    weights, then adapt(lo, hi) trains on the targets [lo, hi) it scored (not after the last chunk), then the next."""
-    L, S, N = args.eval_seq_len, args.eval_stride, tokens.numel() - 1
+    EVAL_SEQ_LEN every EVAL_STRIDE (batches of EVAL_BATCH_SEQS), windows sharded across ranks, gathered. A short batch
+    is padded with copies of its last window (their scores dropped): the stats see two shapes, window 0's batch
+    (scored from position 0) and every other. With `adapt` (TTT) the windows are cut in order into chunks of
+    TTT_CHUNK_TOKENS/EVAL_STRIDE: a chunk is scored with the current weights, then adapt(lo, hi, left) trains on the
+    targets [lo, hi) it scored (left: the seconds the scoring still to do should take; not after the last chunk)."""
+    L, S, N, B = args.eval_seq_len, args.eval_stride, tokens.numel() - 1, args.eval_batch_seqs
     starts = sliding_windows(N, L, S)
     per = args.ttt_chunk_tokens // S if adapt else len(starts)
     padded = torch.cat([tokens.to(ctx.device, torch.int64), torch.zeros(L, dtype=torch.int64, device=ctx.device)])
     progress = Progress(log, "sliding_eval" + ("+ttt" if adapt else ""), len(starts), "windows")
-    offsets, parts = torch.arange(L, device=ctx.device), []
+    offsets, rows, parts, t_score = torch.arange(L, device=ctx.device), torch.arange(B, device=ctx.device)[:, None], [], 0.0
     for c in range(0, len(starts), per):
-        chunk = starts[c:c + per]
+        t0, chunk = time.perf_counter(), starts[c:c + per]
         mine, lo, hi = rank_span(chunk, ctx.rank, ctx.world, L, S, N)
         out = torch.zeros(2, hi - lo, dtype=torch.float32, device=ctx.device)
-        for i in range(0, len(mine), args.eval_batch_seqs):
-            ws = torch.tensor(mine[i:i + args.eval_batch_seqs], device=ctx.device)
+        for i in range(0, len(mine), B):
+            part = mine[i:i + B]
+            ws = torch.tensor(part + part[-1:] * (B - len(part)), device=ctx.device)
             idx = ws[:, None] + offsets[None]
-            start = 0 if mine[i] == 0 else L - S
+            start = 0 if part[0] == 0 else L - S
             with torch.no_grad(), autocast(ctx.device):
                 logp, ent = stats_fn(padded[idx], padded[idx + 1], start)
             pos = idx[:, start:]
-            keep = (pos < N) & ((pos - ws[:, None] >= L - S) | (ws[:, None] == 0))
+            keep = (pos < N) & ((pos - ws[:, None] >= L - S) | (ws[:, None] == 0)) & (rows < len(part))
             out[0, pos[keep] - lo], out[1, pos[keep] - lo] = logp.float()[keep], ent.float()[keep]
-            progress.update(c + min(len(chunk), (i + len(ws)) * ctx.world))
+            progress.update(c + min(len(chunk), (i + len(part)) * ctx.world))
         if ctx.world > 1:
             bounds = [rank_span(chunk, r, ctx.world, L, S, N)[1:] for r in range(ctx.world)]
             width = max(b - a for a, b in bounds)
@@ -1193,55 +1198,81 @@ def eval_sliding(stats_fn, tokens: Tensor, args: Hyperparameters, ctx, log, adap
             out = torch.cat([buf.view(ctx.world, 2, width)[r, :, :b - a] for r, (a, b) in enumerate(bounds)], dim=1)
         parts.append(out)
         if adapt and c + per < len(starts):
-            adapt(*rank_span(chunk, 0, 1, L, S, N)[1:])
+            ctx.sync()  # (queued work finished: the time is the scoring's)
+            t_score += time.perf_counter() - t0
+            adapt(*rank_span(chunk, 0, 1, L, S, N)[1:], t_score * (len(starts) - c - per) / (c + per))
     return tuple(torch.cat(parts, dim=1).cpu())
 
 
 class TestTimeTrainer:
-    """Score-first TTT: a call (lo, hi) trains on targets already scored. Sequences of L = EVAL_SEQ_LEN tokens end
+    """Score-first TTT: a call (lo, hi, left) trains on targets already scored. Sequences of L = EVAL_SEQ_LEN tokens end
     at hi, hi - L, ... until they cover [lo, hi) (the first may reach back into earlier scored tokens, never past hi);
-    TTT_EPOCHS passes in order, TTT_BATCH_SEQS a step, each rank taking its share; the gradients of the step's mean
-    CE are summed across ranks (same weights everywhere). Parameters whose names match TTT_PARAMS adapt, by SGD
-    (momentum 0.9) or AdamW (betas 0.9/0.999, no decay), gradient norm clipped at TTT_GRAD_CLIP."""
+    TTT_EPOCHS passes in order, TTT_BATCH_SEQS a step, R = ceil(TTT_BATCH_SEQS / world) rows on every rank, a step's
+    short end padded with rows whose targets are ignored (no loss, no gradient): every rank runs the same steps in one
+    shape. The gradients of the step's summed CE / its real targets are summed across ranks (same weights everywhere).
+    Parameters whose names match TTT_PARAMS adapt, by SGD (momentum 0.9) or AdamW (betas 0.9/0.999, no decay),
+    gradient norm clipped at TTT_GRAD_CLIP. The clock: with EVAL_BUDGET_SECONDS, a call first projects the evaluation's
+    end, seconds since t_start + the last call's training + left (the scoring still to do) + reserve (the mixer's);
+    once the latest rank's projection passes the budget, no call trains any more."""
 
-    def __init__(self, model: GPT, tokens: Tensor, args: Hyperparameters, ctx):
-        self.args, self.ctx, self.seconds, self.steps, self.tokens = args, ctx, 0.0, 0, tokens.to(ctx.device, torch.int64)
+    def __init__(self, model: GPT, tokens: Tensor, args: Hyperparameters, ctx, log, t_start: float, reserve: float = 0.0):
+        self.args, self.ctx, self.log, self.model, self.tokens = args, ctx, log, model, tokens.to(ctx.device, torch.int64)
+        self.t_start, self.reserve, self.seconds, self.last, self.steps, self.chunks = t_start, reserve, 0.0, 0.0, 0, 0
+        self.stopped = False
         named = [(n, p.requires_grad_(bool(re.search(args.ttt_params, n)))) for n, p in model.named_parameters()]
         self.params = [p for _, p in named if p.requires_grad]
-        for p in self.params:  # dense zero grads: a rank without sequences in a step still all-reduces them
+        for p in self.params:  # dense zero grads from the start: every rank all-reduces the same list
             p.grad = torch.zeros_like(p)
         self.opt = (torch.optim.SGD(self.params, lr=args.ttt_lr, momentum=0.9) if args.ttt_optimizer == "sgd"
                     else torch.optim.AdamW(self.params, lr=args.ttt_lr, betas=(0.9, 0.999), weight_decay=0.0))
-        self.loss_fn = torch.compile(model) if args.compile else model
+        self.loss_fn = torch.compile(self.loss, dynamic=False) if args.compile else self.loss
 
-    def __call__(self, lo: int, hi: int):
-        t0, a, T, world = time.perf_counter(), self.args, self.args.eval_seq_len, self.ctx.world
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """The rows' summed next-token CE; targets -100 (padding) count nothing."""
+        return F.cross_entropy(self.model.logits(self.model.hidden(x)).flatten(0, 1), y.flatten(), reduction="sum")
+
+    def __call__(self, lo: int, hi: int, left: float = 0.0):
+        a, world, dev = self.args, self.ctx.world, self.ctx.device
+        T, budget = a.eval_seq_len, a.eval_budget_seconds
+        end = torch.tensor([time.perf_counter() - self.t_start + self.last + left + self.reserve], dtype=torch.float64, device=dev)
+        if world > 1 and budget > 0 and not self.stopped:
+            dist.all_reduce(end, op=dist.ReduceOp.MAX)  # one decision for all ranks: the latest projection
+        if 0 < budget < end.item() and not self.stopped:
+            self.stopped = True
+            self.log(f"ttt_stop chunks_trained:{self.chunks} scored:{hi}/{self.tokens.numel() - 1} projected_end:{end.item():.1f}s "
+                     f"budget:{budget:g}s training:{self.last:.1f}s scoring_left:{left:.1f}s mixer:{self.reserve:.1f}s")
+        if self.stopped:
+            return
+        t0, R = time.perf_counter(), math.ceil(a.ttt_batch_seqs / world)
         seqs = [max(hi - (k + 1) * T, 0) for k in reversed(range(math.ceil((hi - lo) / T)))]
         for _ in range(a.ttt_epochs):
             for b in range(0, len(seqs), a.ttt_batch_seqs):
                 step = seqs[b:b + a.ttt_batch_seqs]
-                mine = step[len(step) * self.ctx.rank // world:len(step) * (self.ctx.rank + 1) // world]
+                mine = step[R * self.ctx.rank:R * (self.ctx.rank + 1)]
+                idx = torch.tensor(mine + [0] * (R - len(mine)), device=dev)[:, None] + torch.arange(T, device=dev)
+                y = self.tokens[idx + 1].index_fill_(0, torch.arange(len(mine), R, device=dev), -100)
                 self.opt.zero_grad(set_to_none=False)
-                if mine:
-                    idx = torch.tensor(mine, device=self.ctx.device)[:, None] + torch.arange(T, device=self.ctx.device)
-                    with autocast(self.ctx.device):
-                        loss = self.loss_fn(self.tokens[idx], self.tokens[idx + 1])
-                    (loss * (len(mine) / len(step))).backward()
+                with autocast(dev):
+                    loss = self.loss_fn(self.tokens[idx], y)
+                (loss / (len(step) * T)).backward()
                 if world > 1:
                     all_reduce_sum([p.grad for p in self.params])
                 torch.nn.utils.clip_grad_norm_(self.params, a.ttt_grad_clip or math.inf)  # inf: scale 1, a no-op
                 self.opt.step()
                 self.steps += 1
         self.ctx.sync()
-        self.seconds += time.perf_counter() - t0
+        self.last, self.chunks = time.perf_counter() - t0, self.chunks + 1
+        self.seconds += self.last
 
 
 def mix_stream(tokens: Tensor, logp: Tensor, ent: Tensor, nbytes: Tensor, args: Hyperparameters, device, log) -> Tensor:
     """The n-gram pass over the stream in evaluation order: targets in chunks of EVAL_BATCH_SEQS*EVAL_STRIDE,
-    each chunk scored with the counts of the tokens before it, then added (score first, update after).
-    Computed by the mixer's whole-stream path (no table), bitwise equal to streaming score_from_net/update."""
+    each chunk scored with the counts of the tokens before it, then added (score first, update after); logp, ent:
+    [N], or [J, N] for J networks (experts of rule online). Computed by the mixer's whole-stream path (no table),
+    bitwise equal to streaming score_from_net/update."""
     from backoff_mixer import BackoffNgramMixer
-    mixer = BackoffNgramMixer(vocab_size=args.vocab_size, device=str(device), **mixer_settings(args))
+    mixer = BackoffNgramMixer(vocab_size=args.vocab_size, device=str(device), networks=logp.numel() // (tokens.numel() - 1),
+                              **mixer_settings(args))
     t0 = time.perf_counter()
     nll = mixer.score_stream(tokens.to(torch.int64), logp, ent, args.eval_batch_seqs * args.eval_stride).double().cpu()
     N, cum_nll, cum_bytes = nll.numel(), nll.cumsum(0), nbytes.cumsum(0)
@@ -1253,9 +1284,18 @@ def mix_stream(tokens: Tensor, logp: Tensor, ent: Tensor, nbytes: Tensor, args: 
     return nll
 
 
+def mixer_seconds(tokens: Tensor, networks: int, args: Hyperparameters, device) -> float:
+    """The mixer pass's time on the whole stream, projected from a timed pass over its first 2**20 targets."""
+    t0, n = time.perf_counter(), min(tokens.numel() - 1, 1 << 20)
+    mix_stream(tokens[:n + 1], torch.zeros(networks, n), torch.zeros(networks, n), torch.ones(n), args, device, lambda _: None)
+    return (time.perf_counter() - t0) * (tokens.numel() - 1) / n
+
+
 def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts, ctx, log, loaded=None):
     """Round trip (non-overlapping windows) and sliding-window scoring of an artifact (read from disk unless
-    `loaded`, load_artifact's result, is given), mixer included."""
+    `loaded`, load_artifact's result, is given), mixer included, on the clock EVAL_BUDGET_SECONDS counts from here.
+    With TTT and rule online the unadapted network's pass comes first and counts: the mixture's experts are built on
+    both networks (net 0 unadapted, net 1 adapted), so adapting cannot cost more than the mixture's bound."""
     t0 = time.perf_counter()
     meta, state = loaded or load_artifact(path)
     model = build_eval_model(meta["arch"], state, path, ctx.device)
@@ -1264,26 +1304,32 @@ def evaluate_artifact(path: str, args: Hyperparameters, val_tokens: Tensor, luts
     loss, bpb = eval_val(stats_fn, val_tokens, luts, args.eval_seq_len, args.val_batch_size, ctx)
     log(f"final_int6_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    t1 = time.perf_counter()
-    base = eval_sliding(stats_fn, val_tokens, args, ctx, log)[0] if args.ttt_enabled and args.ttt_baseline else None
-    t2, ttt = time.perf_counter(), TestTimeTrainer(model, val_tokens, args, ctx) if args.ttt_enabled else None
+    t1, both = time.perf_counter(), args.ttt_enabled and args.use_ngram_mixer and args.ngram_rule == "online"
+    base = eval_sliding(stats_fn, val_tokens, args, ctx, log) if both else None
+    t2, timed = time.perf_counter(), ctx.rank == 0 and args.ttt_enabled and args.use_ngram_mixer and args.eval_budget_seconds > 0
+    reserve = mixer_seconds(val_tokens, 1 + both, args, ctx.device) if timed else 0.0
+    t3, ttt = time.perf_counter(), TestTimeTrainer(model, val_tokens, args, ctx, log, t0, reserve) if args.ttt_enabled else None
     logp, ent = eval_sliding(stats_fn, val_tokens, args, ctx, log, ttt)
-    t3, t_ttt = time.perf_counter(), ttt.seconds if ttt else 0.0
+    t4, t_ttt = time.perf_counter(), ttt.seconds if ttt else 0.0
     if ctx.rank == 0:
         nbytes = target_bytes(val_tokens[:-1].long(), val_tokens[1:].long(), luts).double()
         bpb = lambda nll: nll.sum().item() / math.log(2) / nbytes.sum().item()  # noqa: E731
-        nll_neural = -logp.double()
+        nll_neural, nets = -logp.double(), (torch.stack([base[0], logp]), torch.stack([base[1], ent])) if both else (logp, ent)
         log(f"final_int6_sliding_window_neural_exact val_loss:{nll_neural.mean().item():.8f} val_bpb:{bpb(nll_neural):.8f}")
-        if base is not None:  # without TTT the network needs its own pass: only chunk 0 is scored by the same weights
-            log(f"sliding_window_neural_no_ttt val_bpb:{(b0 := bpb(-base.double())):.8f} ttt_gain_bpb:{bpb(nll_neural) - b0:+.8f}")
-        nll = mix_stream(val_tokens, logp, ent, nbytes, args, ctx.device, log) if args.use_ngram_mixer else nll_neural
-        log(f"eval_time_split no_ttt_pass:{t2 - t1:.1f}s sliding:{t3 - t2 - t_ttt:.1f}s ttt_train:{t_ttt:.1f}s "
-            f"ttt_steps:{ttt.steps if ttt else 0} mixer:{time.perf_counter() - t3:.1f}s")
+        if both:
+            b0 = bpb(-base[0].double())
+            log(f"sliding_window_neural_no_ttt val_bpb:{b0:.8f} ttt_gain_bpb:{bpb(nll_neural) - b0:+.8f}")
+        nll = mix_stream(val_tokens, *nets, nbytes, args, ctx.device, log) if args.use_ngram_mixer else nll_neural
+        t5 = time.perf_counter()
+        log(f"eval_time_split roundtrip:{t1 - t0:.1f}s no_ttt_pass:{t2 - t1:.1f}s mixer_probe:{t3 - t2:.1f}s sliding:"
+            f"{t4 - t3 - t_ttt:.1f}s ttt_train:{t_ttt:.1f}s ttt_steps:{ttt.steps if ttt else 0} ttt_chunks:"
+            f"{ttt.chunks if ttt else 0} mixer:{t5 - t4:.1f}s total:{t5 - t0:.1f}s budget:{args.eval_budget_seconds:g}s")
         log(f"final_int6_sliding_window_exact val_loss:{nll.mean().item():.8f} "
             f"val_bpb:{bpb(nll):.8f} eval_time:{1000 * (time.perf_counter() - t1):.0f}ms")
         if args.eval_dump:
             buf = io.BytesIO()
-            np.savez(buf, nll=nll.numpy(), nll_neural=nll_neural.numpy(), entropy=ent.numpy(), bytes=nbytes.numpy())
+            np.savez(buf, nll=nll.numpy(), nll_neural=nll_neural.numpy(), entropy=ent.numpy(), bytes=nbytes.numpy(),
+                     **({"nll_no_ttt": -base[0].numpy(), "entropy_no_ttt": base[1].numpy()} if both else {}))
             write_atomic(args.eval_dump, buf.getvalue())
             log(f"eval_dump:{args.eval_dump} positions:{nll.numel()}")
     ctx.sync()

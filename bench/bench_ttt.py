@@ -12,9 +12,18 @@ sweep  EVAL_ONLY=1 runs of train_gpt.py on an artifact: one with TTT off, one pe
        (--vary), each with its log in --out/logs (a log already there is reused, not rerun); prints a markdown
        table (neural sliding BPB, mixed BPB, their gains, the eval time split). Any train_gpt.py env var
        (DATA_PATH, TOKENIZER_PATH, EVAL_DUMP is not set) passes through to every run.
+three  One EVAL_ONLY=1 run with TTT (--set NAME=V: its settings) and EVAL_DUMP, and the three scores its arrays give
+       (issue 24): rule online over the unadapted network alone ("no TTT": what a TTT_ENABLED=0 run scores, from
+       the dump's nll_no_ttt/entropy_no_ttt), over the adapted network alone ("TTT alone"), and the run's own
+       mixture of both ("both"); with the bound (buckets with targets) log K / (ln 2 x bytes) in BPB, and whether
+       "both" is within it of the other two. A JSON line per run is appended to --out/three.jsonl.
+table  The markdown table of --out/three.jsonl: a row per run, then per (split, settings, artifact name without
+       its _s<seed> part) the mean and standard deviation over the seeds.
 
     python bench/bench_ttt.py time [--preset record|cpu] [--chunks 6] [--gpus 8] [--json PATH]
     python bench/bench_ttt.py sweep --artifact A.ptz --vary TTT_CHUNK_TOKENS=4096,16384 --vary TTT_EPOCHS=1,2 --out DIR
+    python bench/bench_ttt.py three --artifact A.ptz --out DIR --tag s1337_sample [--set TTT_LR=0.009]
+    python bench/bench_ttt.py table --out DIR
 """
 from __future__ import annotations
 
@@ -54,7 +63,7 @@ def time_ttt(model, args, device: torch.device, chunks: int, gpus: int = 8, log=
 
     def run(n: int) -> tuple[float, float, int]:
         tokens = torch.randint(0, args.vocab_size, (L - S + n * args.ttt_chunk_tokens + 1,), generator=gen)
-        ttt = TestTimeTrainer(model, tokens, args, ctx)
+        ttt = TestTimeTrainer(model, tokens, args, ctx, lambda _m: None, time.perf_counter())
         sync(device)
         t0 = time.perf_counter()
         logp, _ = eval_sliding(stats_fn, tokens, args, ctx, lambda _m: None, ttt)
@@ -130,10 +139,64 @@ def sweep(a) -> int:
           f"{float(base['mixed']):.4f} | | {base['split']} |", flush=True)
     for point in itertools.product(*grid):
         tag = "_".join(f"{n.lower().replace('ttt_', '')}{v}" for n, v in point)
-        r = eval_only(a.artifact, out, f"{a.tag}_{tag}", {"TTT_ENABLED": "1", "TTT_BASELINE": "0", **dict(point)}, a.dump)
+        r = eval_only(a.artifact, out, f"{a.tag}_{tag}", {"TTT_ENABLED": "1", **dict(point)}, a.dump)
         dn, dm = float(r["neural"]) - float(base["neural"]), float(r["mixed"]) - float(base["mixed"])
         print(f"| {' | '.join(v for _, v in point)} | {r['steps']} | {float(r['neural']):.4f} | {dn:+.4f} | "
               f"{float(r['mixed']):.4f} | {dm:+.4f} | {r['split']} |", flush=True)
+    return 0
+
+
+def three(a) -> int:
+    """One TTT run with its dump; rule online over each network alone and the run's mixture of both, in BPB."""
+    import numpy as np
+    from backoff_mixer import BackoffNgramMixer
+    from train_gpt import HPARAMS, load_data_shard
+    out = Path(a.out).resolve()
+    (out / "dumps").mkdir(parents=True, exist_ok=True)
+    env = {"TTT_ENABLED": "1", "USE_NGRAM_MIXER": "1", **dict(x.split("=", 1) for x in a.set)}
+    r = eval_only(a.artifact, out, a.tag, env, dump=True)
+    text = (out / "logs" / f"{a.tag}.txt").read_text()
+    hp = json.loads(re.search(r"^hparams:(.*)$", text, re.M).group(1))
+    learned = re.search(r"^mixer_learned (.*)$", text, re.M).group(1).split()
+    d = np.load(out / "dumps" / f"{a.tag}.npz")
+    val = torch.from_numpy(load_data_shard(Path(hp["DATA_PATH"]) / "fineweb_val_000000.bin").numpy().astype(np.int64))
+    kw = {h.role[6:]: hp[h.name] for h in HPARAMS if h.role.startswith("mixer:")}
+    chunk, nbytes = hp["EVAL_BATCH_SEQS"] * hp["EVAL_STRIDE"], float(d["bytes"].sum())
+    bpb = lambda nll: float(np.sum(nll)) / math.log(2) / nbytes  # noqa: E731
+    alone = lambda lp, h: BackoffNgramMixer(vocab_size=hp["VOCAB_SIZE"], **kw).score_stream(  # noqa: E731
+        val, torch.from_numpy(lp), torch.from_numpy(h), chunk).double().numpy()
+    K, buckets = int(learned[0].split(":")[1]), sum(bool(re.match(r"\d+,[\d/]+:\d+:", w)) for w in learned)
+    res = {"tag": a.tag, "set": a.set, "artifact": a.artifact, "data": hp["DATA_PATH"], "targets": int(d["nll"].size),
+           "ttt_steps": int(r["steps"]), "neural_no_ttt": bpb(d["nll_no_ttt"]), "neural_ttt": bpb(d["nll_neural"]),
+           "no_ttt": bpb(alone(-d["nll_no_ttt"], d["entropy_no_ttt"])), "ttt_alone": bpb(alone(-d["nll_neural"], d["entropy"])),
+           "both": bpb(d["nll"]), "experts": K, "buckets": buckets, "bound": buckets * math.log(K) / math.log(2) / nbytes}
+    res["within_bound"] = res["both"] <= min(res["no_ttt"], res["ttt_alone"]) + res["bound"]
+    with open(out / "three.jsonl", "a") as f:
+        f.write(json.dumps(res) + "\n")
+    print(" ".join(f"{k}:{v:.4f}" if isinstance(v, float) else f"{k}:{v}" for k, v in res.items()), flush=True)
+    return 0
+
+
+def table(a) -> int:
+    """three.jsonl as markdown: every run, then mean and std over seeds per (split, settings, artifact name)."""
+    import statistics
+    rows = [json.loads(line) for line in (Path(a.out) / "three.jsonl").read_text().splitlines() if line.strip()]
+    keys = ["neural_no_ttt", "neural_ttt", "no_ttt", "ttt_alone", "both", "bound"]
+    print("| run | settings | TTT steps | " + " | ".join(keys) + " | both - min(no TTT, TTT alone) | within bound |")
+    print("|" + " --- |" * (len(keys) + 5))
+    groups = {}
+    for r in rows:
+        r["margin"] = r["both"] - min(r["no_ttt"], r["ttt_alone"])
+        print(f"| {r['tag']} | {' '.join(r['set']) or 'default'} | {r['ttt_steps']} | "
+              + " | ".join(f"{r[k]:.4f}" for k in keys) + f" | {r['margin']:+.4f} | {r['within_bound']} |")
+        name = re.sub(r"_s\d+", "", Path(r["artifact"]).stem)
+        groups.setdefault((Path(r["data"]).name, " ".join(r["set"]) or "default", name), []).append(r)
+    print("\n| split | settings | artifacts | seeds | " + " | ".join(keys + ["margin"]) + " |")
+    print("|" + " --- |" * (len(keys) + 5))
+    for (data, st, name), rs in groups.items():
+        cell = lambda k: (f"{statistics.mean(r[k] for r in rs):.4f}"  # noqa: E731
+                          + (f" ± {statistics.stdev(r[k] for r in rs):.4f}" if len(rs) > 1 else ""))
+        print(f"| {data} | {st} | {name} | {len(rs)} | " + " | ".join(cell(k) for k in keys + ["margin"]) + " |")
     return 0
 
 
@@ -151,9 +214,20 @@ def main(argv=None) -> int:
     s.add_argument("--out", required=True, help="cwd of the runs (their logs/ land here; existing logs are reused)")
     s.add_argument("--tag", default="sweep")
     s.add_argument("--dump", action="store_true", help="EVAL_DUMP of every run to --out/dumps/<run id>.npz")
+    h = sub.add_parser("three")
+    h.add_argument("--artifact", required=True)
+    h.add_argument("--out", required=True, help="cwd of the run (logs/, dumps/ and three.jsonl land here)")
+    h.add_argument("--tag", required=True, help="the run id")
+    h.add_argument("--set", action="append", default=[], help="NAME=V (repeatable): an env var of the run")
+    tb = sub.add_parser("table")
+    tb.add_argument("--out", required=True, help="the folder of three.jsonl")
     a = ap.parse_args(argv)
+    if a.cmd == "table":
+        return table(a)
     if a.cmd == "sweep":
         return sweep(a)
+    if a.cmd == "three":
+        return three(a)
     device = default_device()
     args = make_args(a.preset, device)
     res = time_ttt(random_eval_model(args, device), args, device, a.chunks, a.gpus)

@@ -671,3 +671,99 @@ def test_online_refuses_streams_its_exact_sums_cannot_hold(monkeypatch):
         for a in range(1, 400, 50):                   # committed targets pile up in the buckets
             m.score_from_net(lp[None, a - 1:a + 49], H[None, a - 1:a + 49], s[None, a - 1:a + 49], s[None, a:a + 50])
             m.update(s[a:a + 50])
+
+
+# ---------------------------------------------------------------------------------------------- two networks
+def test_two_networks_match_brute_force_experts():
+    """networks=2 (the evaluation's unadapted and adapted network): the experts are rule online's 18 built on each
+    network in turn (36), the bucket from the longest context and both networks' entropy bins; the distribution
+    is the Bayes mixture of the brute-force experts, weights from the earlier rows' targets."""
+    V, order, mc = 16, 5, 2
+    m, s = fed("online", V=V, order=order, n=1500, chunks=(700, 701, 1500), seed=3, min_count=mc, beta=3.0, networks=2)
+    assert m.n_experts == 36
+    hist, g = s.tolist(), torch.Generator().manual_seed(4)
+    q = text_like(200, V, 9)
+    q[50:70] = s[300:320]
+    logits = torch.randn(2, 1, 200, V, generator=g)
+    logits[1] *= 3                                    # a second, more confident network
+    p = m.distribution(logits, q[None])[0]
+    assert torch.allclose(p.sum(-1), torch.ones(200, dtype=p.dtype), atol=1e-9)
+    pn = torch.softmax(logits[:, 0].double(), -1)
+    H = -(pn * pn.log()).sum(-1)
+    rows = []
+    for t in range(200):
+        E0, n0 = brute_experts(hist, q[:t + 1].tolist(), order, mc, V, pn[0, t].tolist(), float(H[0, t]), 3.0, m.grid, m.betas)
+        E1, _ = brute_experts(hist, q[:t + 1].tolist(), order, mc, V, pn[1, t].tolist(), float(H[1, t]), 3.0, m.grid, m.betas)
+        rows.append((E0 + E1, n0 * 9 + int(H[0, t] > 2) + int(H[0, t] > 4) + 3 * (int(H[1, t] > 2) + int(H[1, t] > 4))))
+    E, b = np.array([r[0] for r in rows]), [r[1] for r in rows]
+    W = bayes_mixture(E[np.arange(199), :, q[1:].numpy()], b[:199])
+    assert np.allclose(p[:199].numpy(), np.einsum("tk,tkv->tv", W, E[:199]), atol=1e-6)
+    y = q[1:][None]                                   # score = -log distribution, and the gathered path
+    nll = m.score(logits[:, :, :199], q[None, :199], y)
+    assert torch.allclose(nll.double()[0], -torch.log(p[torch.arange(199), q[1:]]), atol=1e-5)
+    lp = torch.log_softmax(logits[:, :, :199], -1)
+    nll2 = m.score_from_net(lp.gather(-1, y.expand(2, 1, 199)[..., None])[..., 0], -(lp.exp() * lp).sum(-1), q[None, :199], y)
+    assert torch.allclose(nll, nll2, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk,V,K", [(97, 24, 6), (200, 1024, 10)])
+def test_two_networks_whole_stream_path_is_bitwise_the_streaming_path(chunk, V, K, table_code):
+    N = 2500
+    s = text_like(N, V, 13)
+    g = torch.Generator().manual_seed(14)
+    logp = torch.log_softmax(2 * torch.randn(2, N - 1, V, generator=g), -1)
+    logp_y = logp.gather(2, s[1:, None].expand(2, N - 1, 1)).squeeze(2)
+    H = -(logp.exp() * logp).sum(-1)
+    m = BackoffNgramMixer(vocab_size=V, max_order=K, rule="online", networks=2)
+    fast = m.score_stream(s, logp_y, H, chunk)
+    m.update(s[:1])
+    out = []
+    for a in range(1, N, chunk):
+        b = min(a + chunk, N)
+        P = min(a - 1, K - 1)
+        out.append(m.score_from_net(logp_y[:, None, a - 1:b - 1], H[:, None, a - 1:b - 1], s[None, a - 1 - P:b - 1],
+                                    s[None, a:b])[0])
+        m.update(s[a:b])
+    assert torch.equal(fast, torch.cat(out)) and torch.equal(m._sums, m.stream_sums)
+    one = BackoffNgramMixer(vocab_size=V, max_order=K, rule="online").score_stream(s, logp_y[0], H[0], chunk)
+    assert not torch.equal(fast, one)                 # the second network takes part
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_two_networks_regret_bound(case):
+    """With a second network (worse on half the targets, better on the other half), the mixture stays within
+    log K (K = 36) of every expert in every bucket: of each network alone above all; and, its buckets refining
+    those of one network (eta = 1: the Bayes mixture loses at least its best expert's loss per bucket), within
+    (buckets) log K of rule online over either network alone."""
+    name, s, logp_y, H = bound_streams()[case]
+    logp_y, H = logp_y.double(), H.double()
+    g = torch.Generator().manual_seed(case)
+    other = torch.where(torch.rand(logp_y.numel(), generator=g, dtype=torch.float64) < 0.5, logp_y - 3.0,
+                        (logp_y + 1.0).clamp(max=-1e-3))                  # worse on half the targets, better on half
+    chunk, order = 97, 4
+    m = BackoffNgramMixer(vocab_size=16, max_order=order, rule="online", online_edges="1,3", networks=2)
+    nll = m.score_stream(s, torch.stack([logp_y, other]), torch.stack([H, H.flip(0)]), chunk).double()
+    one = BackoffNgramMixer(vocab_size=16, max_order=order, rule="online", online_edges="1,3")
+    L = torch.cat([expert_losses(one, s, logp_y, H, chunk), expert_losses(one, s, other, H.flip(0), chunk)], 1)
+    n_star = torch.tensor(stream_nstar(s, chunk, order, 1))
+    bucket = n_star * 9 + (H > 1).long() + (H > 3).long() + 3 * ((H.flip(0) > 1).long() + (H.flip(0) > 3).long())
+    K, slack = L.shape[1], 2.0 ** -28 + 1e-9
+    assert K == m.n_experts == 36 and torch.equal(torch.bincount(bucket, minlength=m.n_buckets), m.stream_sums[:, -1])
+    for b in bucket.unique().tolist():
+        sel = bucket == b
+        assert float(nll[sel].sum() - L[sel].sum(0).min()) <= math.log(K) + slack * int(sel.sum()), (name, b)
+    B = len(bucket.unique())
+    for j in (0, 18):                                 # over the stream: within (buckets) log K of either network
+        assert float(nll.sum() - L[:, j].sum()) <= B * math.log(K) + slack * nll.numel()
+    for lp, h in ((logp_y, H), (other, H.flip(0))):   # and of rule online over either network alone (its buckets
+        alone = BackoffNgramMixer(vocab_size=16, max_order=order, rule="online", online_edges="1,3")   # are coarser)
+        assert float(nll.sum() - alone.score_stream(s, lp, h, chunk).double().sum()) <= B * math.log(K) + slack * nll.numel()
+
+
+def test_more_networks_need_rule_online():
+    from backoff_mixer import SettingError
+    with pytest.raises(SettingError, match="networks"):
+        BackoffNgramMixer(vocab_size=16, max_order=3, rule="dirichlet_evidence", networks=2)
+    m = BackoffNgramMixer(vocab_size=16, max_order=3, networks=2)
+    with pytest.raises(ValueError, match="network"):
+        m.score_stream(torch.arange(10) % 16, torch.zeros(9), torch.zeros(9), 4)   # one network's numbers

@@ -117,6 +117,7 @@ class HashedTargetOnlyMixer(_MixerAPI):
         self.tail = seq[-(self.max_order - 1):]
 
     def _mix(self, pnet, H, rev_x, t_in, cand, learn=None):
+        pnet, H = pnet[0], H[0]                       # (one network: _MixerAPI hands [1, M, C], [1, M])
         p = (self.uni[cand].double() + 1.0) / (self.N + self.V)
         done = torch.zeros(cand.shape[0], dtype=torch.bool, device=self.device)
         for n in range(self.max_order, 1, -1):
