@@ -963,9 +963,9 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
             t0 = time.perf_counter()
         if last:
             break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        began = train_ms + 1000 * (time.perf_counter() - t0)
         try:
-            last_loss = one_step(opt, loader, step, lr_multiplier(args, step, elapsed, cap_s))
+            last_loss = one_step(opt, loader, step, lr_multiplier(args, step, began, cap_s))
         except TrainingDiverged as e:
             raise TrainingDiverged(f"{e}; last good step {step} train_loss:{last_loss:.4f}") from None
         torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - args.ema_decay)
@@ -975,8 +975,8 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
             log(f"step:{step}/{args.iterations} train_loss:{last_loss:.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / step:.2f}ms")
         progress.update(step)
-        if cap_s > 0 and stop_after is None:
-            hit = torch.tensor(float(elapsed >= 1000 * cap_s), device=ctx.device)
+        if cap_s > 0 and stop_after is None:  # no step may end past the cap: stop if one more at this pace would
+            hit = torch.tensor(float(2 * elapsed - began >= 1000 * cap_s), device=ctx.device)
             if ctx.world > 1:
                 dist.all_reduce(hit, op=dist.ReduceOp.MAX)
             if hit.item():

@@ -24,7 +24,7 @@ import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
 import mixer_claims  # noqa: E402
 
-PHASES = ["env", "model", "attention", "train", "e2e", "export", "eval", "ttt", "mixer"]
+PHASES = ["env", "model", "attention", "e2e", "mixer", "plan", "train", "eval", "ttt", "export"]
 
 
 def clean_env(**extra) -> dict:
@@ -45,8 +45,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     """Every phase at tiny sizes on CPU (the default list is all of them but export, which runs on GPUs only when
     asked: e2e exports trained weights), so that the first GPU call does not fail on a bug a CPU can find."""
     assert gpu_check.PHASES == PHASES and gpu_check.DEFAULT_PHASES == [p for p in PHASES if p != "export"]
-    p = run(["bash", str(BENCH / "gpu_check.sh"), "--cpu-smoke", "--phases", ",".join(PHASES)], clean_env(OUT=tmp_path),
-            timeout=300)
+    p = run(["bash", str(BENCH / "gpu_check.sh"), "--cpu-smoke", "--phases", ",".join(PHASES), "--mixer-seconds", "60"],
+            clean_env(OUT=tmp_path), timeout=300)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     summary = (tmp_path / "gpu_check_summary.txt").read_text()
     assert (tmp_path / "gpu_check.log").is_file()
@@ -65,8 +65,18 @@ def test_gpu_check_cpu_smoke(tmp_path):
     e2e = r["e2e"]
     assert e2e["returncode"] == 0 and e2e["steps"] == e2e["steps_asked"] == 4 and e2e["val_tokens"] == 4096
     assert e2e["total_bytes"] == e2e["artifact_bytes"] + e2e["code_bytes"] and e2e["zeroed"] == 0
+    assert e2e["rate_line"].startswith(f"rate_control total:{e2e['total_bytes']} target:16000000")
+    assert sum(e2e["rate_choice_counts"].values()) == e2e["rate_line"].count("=")  # one pick per matrix
+    assert e2e["tokens_per_s"] == pytest.approx(2048 / (e2e["ms_per_step"] / 1000)) and e2e["attention"] == "auto"
     assert e2e["bits_per_param"] == pytest.approx(8 * e2e["artifact_bytes"] / (e2e["model_params"] - e2e["mtp_params"]))
     assert all(v >= 0 for v in e2e["eval_split_s"].values()) and e2e["est_8gpu_eval_s"]["total"] > 0
+    assert e2e["eval_split_s"]["total"] >= e2e["eval_split_s"]["sliding"]
+    pl = r["plan"]  # the time plan with this run's rates: the e2e log's window rate, the mixer phase's rate
+    assert pl["eval_8gpu_s"] == pytest.approx(sum(v for k, v in pl["phases_8gpu_s"].items() if k in (
+        "scorer_compile", "ttt_compile", "load", "roundtrip", "no_ttt_pass", "mixer_probe", "sliding", "ttt_train", "mixer")))
+    assert pl["eval_1gpu_s"] > pl["eval_8gpu_s"] and pl["basis"]["mixer"].startswith("measured: this run mixer.whole_stream_s")
+    assert pl["basis"]["sliding"].startswith("measured: this run's e2e log") and pl["flags"]  # CPU rates break the clocks
+    assert (tmp_path / "gpu_check_plan.txt").read_text().startswith("TIME PLAN")
     assert all(math.isfinite(e2e[k]) for k in ("post_ema_bpb", "roundtrip_bpb", "no_ttt_bpb", "neural_bpb", "mixed_bpb"))
     assert e2e["mixer_learned"].startswith("mixer_learned") and e2e["synth"]["train_tokens"] >= 6 * 2048
     assert (tmp_path / "gpu_check_e2e_log.txt").read_text().count("run_complete") == 1
@@ -90,8 +100,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert tt["full_ttt_eval_s"] == pytest.approx(tt["full_chunks"] * tt["score_s_per_chunk"]
                                                   + (tt["full_chunks"] - 1) * tt["train_s_per_chunk"])
     m = r["mixer"]
-    assert m["complete"] and m["tokens_scored"] == m["stream_tokens"] - 1 == 19_999
-    assert 0 < m["mean_nll"] < math.log(1024) and m["table_bytes"] > 0 and m["tokens_per_s"] > 0
+    assert m["networks"] == 2 and m["whole_stream_s"] > 0 and 0 < m["mean_nll"] < math.log(1024)
+    assert m["complete"] and m["tokens_scored"] == m["stream_tokens"] - 1 == 19_999  # the streaming API (--mixer-seconds)
+    assert m["table_bytes"] > 0 and m["tokens_per_s"] > 0
 
 
 def test_gpu_check_reports_the_other_phases_when_one_fails(tmp_path, monkeypatch):
@@ -111,7 +122,7 @@ def test_gpu_check_reports_the_other_phases_when_one_fails(tmp_path, monkeypatch
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rc == 1 and report["failed"] == ["export"]
     assert report["results"]["export"]["error"] == "RuntimeError: export exploded"
-    assert report["results"]["eval"]["windows_per_s"] > 0 and report["results"]["mixer"]["complete"]
+    assert report["results"]["eval"]["windows_per_s"] > 0 and report["results"]["mixer"]["whole_stream_s"] > 0
     assert "FAILED: RuntimeError: export exploded" in (tmp_path / "gpu_check_summary.txt").read_text()
 
 

@@ -408,7 +408,7 @@ SYNTH_RUN = {"date": "2026-12-01T00:00:00+00:00", "results": {
               "warmup_s": 40.49152},                                     # compile: 40.49152 - 5 x 0.098304 = 40
     "eval": {"windows_per_s": 2000.0, "seq_len": 2048, "batch_seqs": 128, "warmup_s": 30.128},  # compile 30
     "mixer": {"whole_stream_s": 10.0, "stream_tokens": 50_000_000, "rule": "online"},         # 5M tokens/s
-    "export": {"load_s": 2.0},
+    "export": {"load_s": 2.0, "quantize_s": 9.5},
     "ttt": {"error": "RuntimeError: a failed phase gives no rate"}}}
 VAL = 64 * 10_000 + 2048 + 1   # N = 642,048 targets: 1 + (642,048 - 2048) / 64 = 10,001 sliding windows
 
@@ -422,31 +422,38 @@ def time_plan(tmp_path, *args, env=None, run=SYNTH_RUN):
 
 def test_time_plan_arithmetic_on_a_synthetic_run(tmp_path):
     proc = time_plan(tmp_path, "--val-tokens", VAL)
-    assert proc.returncode == 1, proc.stderr  # the clocks below break
+    assert proc.returncode == 0, proc.stdout  # every clock kept
     out = json.loads(proc.stdout)
     got = {p["key"]: p["seconds"] for p in out["phases"]}
     step = 786_432 / 8 / 1e6                   # 0.098304 s a step on each of 8 GPUs
-    steps = 6002                               # ceil(590 / 0.098304): the step crossing the 590 s cap is finished
+    steps = 6001                               # 6001 steps end at 589.92 s; a 6002nd would end past the 590 s cap
     expected = {
         "train_compile": 40 + 20 * step, "train": steps * step, "validation": 4 * (642_048 // 2048) / 8 / 2000,
-        "calibration": 262_144 / 8 / 1e6, "gptq": 10.0, "compress": 81.0, "fit": 243.0,   # the last three: estimates
+        "calibration": 262_144 / 8 / 1e6, "quantize": 9.5, "search": 60.0,   # search: an estimate
         "scorer_compile": 30.0, "ttt_compile": 40.0, "load": 2.0, "roundtrip": 313 / 8 / 2000,
-        "no_ttt_pass": 10_001 / 8 / 2000, "sliding": 10_001 / 8 / 2000,
+        "no_ttt_pass": 10_001 / 8 / 2000, "mixer_probe": 642_048 / 5e6, "sliding": 10_001 / 8 / 2000,
         "ttt_train": 9 * 3 * 65_536 / 8 / 1e6,    # 10 chunks of 1,024 windows, 9 trained on, 3 epochs
         "mixer": 642_048 / 5e6}
     assert list(got) == list(expected)
     assert all(math.isclose(got[k], v, rel_tol=1e-9) for k, v in expected.items()), got
     bases = {p["key"]: p["basis"] for p in out["phases"]}
-    assert bases["gptq"].startswith("estimate:") and bases["ttt_train"].startswith("estimate:")
+    assert bases["search"].startswith("estimate:") and bases["ttt_train"].startswith("estimate:")
+    assert bases["quantize"] == "measured: run.json export.quantize_s"
     assert bases["mixer"].startswith("measured: run.json mixer.whole_stream_s") and "online" in bases["mixer"]
     clocks = {c["clock"]: c for c in out["clocks"]}
-    train_total = steps * step + 262_144 / 8 / 1e6 + 10.0
-    assert math.isclose(clocks["training"]["seconds"], train_total) and train_total > 600
-    assert clocks["training"]["flag"].startswith("BREAKS the training clock: 600.05 s > 600 s")
-    assert "a reserve of 11 s would fit" in clocks["GPTQ reserve (GPTQ_RESERVE_SECONDS)"]["flag"]
+    train_total = steps * step + 262_144 / 8 / 1e6 + 9.5
+    assert math.isclose(clocks["training"]["seconds"], train_total) and clocks["training"]["flag"] == ""
     eval_total = sum(v for k, v in expected.items() if k in ("scorer_compile", "ttt_compile", "load", "roundtrip",
-                                                               "no_ttt_pass", "sliding", "ttt_train", "mixer"))
+                                                               "no_ttt_pass", "mixer_probe", "sliding", "ttt_train", "mixer"))
     assert math.isclose(clocks["evaluation"]["seconds"], eval_total) and clocks["evaluation"]["flag"] == ""
+    budget = clocks["evaluation budget (EVAL_BUDGET_SECONDS)"]
+    assert budget["limit"] == 540 and budget["flag"] == ""
+    # A reserve of 5 s: the cap moves to 595 s, 6052 steps end at 594.94 s, and calibration + quantization break it.
+    proc = time_plan(tmp_path, "--val-tokens", VAL, env={"GPTQ_RESERVE_SECONDS": "5"})
+    clocks = {c["clock"]: c for c in json.loads(proc.stdout)["clocks"]}
+    assert proc.returncode == 1 and math.isclose(clocks["training"]["seconds"], 6052 * step + 262_144 / 8 / 1e6 + 9.5)
+    assert clocks["training"]["flag"].startswith("BREAKS the training clock: 604.47 s > 600 s")
+    assert "a reserve of 10 s would fit" in clocks["GPTQ reserve (GPTQ_RESERVE_SECONDS)"]["flag"]
 
 
 def test_time_plan_follows_the_settings_and_never_scales_compilation(tmp_path):
@@ -454,22 +461,22 @@ def test_time_plan_follows_the_settings_and_never_scales_compilation(tmp_path):
     big = {p["key"]: p["seconds"] for p in json.loads(time_plan(tmp_path, "--val-tokens", 2 * VAL).stdout)["phases"]}
     assert big["scorer_compile"] == base["scorer_compile"] == 30.0 and big["ttt_compile"] == base["ttt_compile"] == 40.0
     assert math.isclose(big["mixer"], 2 * base["mixer"], rel_tol=1e-5) and big["sliding"] > 1.9 * base["sliding"]
-    proc = time_plan(tmp_path, "--val-tokens", VAL, env={"TTT_BASELINE": "0", "USE_NGRAM_MIXER": "0",
-                                                         "GPTQ_RESERVE_SECONDS": "11"})
+    proc = time_plan(tmp_path, "--val-tokens", VAL, env={"USE_NGRAM_MIXER": "0", "GPTQ_RESERVE_SECONDS": "11"})
     out = json.loads(proc.stdout)
     keys = [p["key"] for p in out["phases"]]
-    assert "no_ttt_pass" not in keys and "mixer" not in keys and proc.returncode == 0, out["clocks"]
+    assert not {"no_ttt_pass", "mixer_probe", "mixer"} & set(keys) and proc.returncode == 0, out["clocks"]
     assert json.loads(time_plan(tmp_path, env={"EVAL_STRIDE": "8"}).stdout)["clocks"][1]["flag"].startswith(
         "BREAKS the evaluation clock")  # 7.75M windows a pass at 2,000/s on each of 8 GPUs
     proc = time_plan(tmp_path, run={"date": "x", "results": {"env": {"gpu": "NVIDIA H200"}}})
     assert proc.returncode == 2 and proc.stderr.startswith("error: no run measured the training rate")
 
 
-E2E_LOG = """hparams:{"EVAL_SEQ_LEN": 2048, "EVAL_STRIDE": 64, "TTT_ENABLED": 1, "TTT_BASELINE": 1, "TTT_CHUNK_TOKENS": 65536, "TTT_EPOCHS": 3, "TRAIN_BATCH_TOKENS": 49152}
+E2E_LOG = """hparams:{"EVAL_SEQ_LEN": 2048, "EVAL_STRIDE": 64, "TTT_ENABLED": 1, "TTT_CHUNK_TOKENS": 65536, "TTT_EPOCHS": 3, "TRAIN_BATCH_TOKENS": 49152}
 dataset:synth sample:0 data_path:/d tokenizer:/t val_tokens:262145
 step:1500/1500 train_loss:3.0000 train_time:90000ms step_avg:60.00ms
-export quant:gptq calibration:262144 tokens in 2.0s quantize:6.0s brotli:30.0s total:123 bytes
-eval_time_split no_ttt_pass:45.0s sliding:3.0s ttt_train:20.0s ttt_steps:9 mixer:1.0s
+training_clock train:90.0s calibration:2.0s quantize:6.0s total:98.0s max_wallclock:0s reserve:10.0s calibration_tokens:262144 quant:gptq rate_control:1
+serialized_model_int6_lzma:123 bytes path:artifacts/x.ptz export_time:38.0s calibration:2.00s quantize:6.00s search:30.00s
+eval_time_split roundtrip:1.0s no_ttt_pass:45.0s mixer_probe:0.1s sliding:3.0s ttt_train:20.0s ttt_steps:9 ttt_chunks:3 mixer:1.0s total:70.0s budget:540s
 """
 
 
@@ -481,7 +488,7 @@ def test_time_plan_rates_from_an_e2e_log():
     assert math.isclose(r["windows_per_s"].value, wps) and math.isclose(r["eval_compile_s"].value, 45.0 - 3.0)
     assert math.isclose(r["ttt_tokens_per_s"].value, 49_152 / 0.060)
     assert math.isclose(r["ttt_compile_s"].value, 20.0 - 3 * 3 * 65_536 / (49_152 / 0.060))  # 4 chunks, 3 trained
-    assert (r["calib_tokens_per_s"].value, r["gptq_s"].value, r["compress_s"].value) == (131_072, 6.0, 30.0)
+    assert (r["calib_tokens_per_s"].value, r["quantize_s"].value, r["search_s"].value) == (131_072, 6.0, 30.0)
     assert "mixer_tokens_per_s" not in r  # a short stream's mixer time is mostly fixed cost
     full = complete({**rates_from_results(SYNTH_RUN["results"], "run.json"), **r})
     got = {p.key: p.seconds for p in plan(Hyperparameters({}, preset="record"), full)}
@@ -493,10 +500,10 @@ def test_time_plan_rates_from_an_e2e_log():
 def test_time_plan_export_rates_from_a_check_json():
     """The export's rates: the export phase's (calibrating the record preset's 262,144 tokens), overridden by the e2e
     phase's (a trained model through the real export; its export line names the calibration's token count)."""
-    results = dict(SYNTH_RUN["results"], export={"calibration_s": 1.0, "gptq_quantize_s": 8.0, "fit_s": 50.0},
-                   e2e={"calibration_s": 0.5, "quantize_s": 4.0, "compress_s": 20.0,
-                        "export_line": "export quant:gptq calibration:131072 tokens in 0.5s quantize:4.0s brotli:20.0s"})
+    results = dict(SYNTH_RUN["results"], export={"calibration_s": 1.0, "quantize_s": 8.0, "search_s": 50.0, "load_s": 3.0},
+                   e2e={"calibration_s": 0.5, "quantize_s": 4.0, "export_line": "training_clock train:9.0s calibration:0.5s "
+                        "quantize:4.0s total:13.5s max_wallclock:0s reserve:10.0s calibration_tokens:131072 quant:gptq"})
     r = rates_from_results(results, "x.json")
-    assert (r["calib_tokens_per_s"].value, r["gptq_s"].value, r["compress_s"].value, r["fit_s"].value) == (262_144, 4.0, 20.0, 50.0)
-    assert r["gptq_s"].basis == "measured: x.json e2e.quantize_s" and r["fit_s"].basis == "measured: x.json export.fit_s"
+    assert (r["calib_tokens_per_s"].value, r["quantize_s"].value, r["search_s"].value, r["load_s"].value) == (262_144, 4.0, 50.0, 3.0)
+    assert r["quantize_s"].basis == "measured: x.json e2e.quantize_s" and r["search_s"].basis == "measured: x.json export.search_s"
     assert rates_from_results(dict(SYNTH_RUN["results"], export={"calibration_s": 1.0}), "x")["calib_tokens_per_s"].value == 262_144

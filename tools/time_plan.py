@@ -2,17 +2,22 @@
 
     python tools/time_plan.py [--runs docs/gpu_runs/*.json] [--gpu H100] [--gpus 8] [--val-tokens N] [--json]
 
-Settings: train_gpt.py's record preset with any env var applied (`TTT_BASELINE=0 python tools/time_plan.py`).
+Settings: train_gpt.py's record preset with any env var applied (`TTT_ENABLED=0 python tools/time_plan.py`).
 Rates: the newest bench/gpu_check.py JSON (docs/gpu_runs/) of the chosen GPU that measured each one; a rate no run
 measured falls back to a stated estimate, marked `estimate:` (what it stands on). Arithmetic, per phase:
-  training steps      (TRAIN_BATCH_TOKENS / gpus) / train tokens/s a step; as many as MAX_WALLCLOCK_SECONDS minus
-                      GPTQ_RESERVE_SECONDS holds (ITERATIONS at most); compilation and validation stop the clock
-  calibration, GPTQ   GPTQ_CALIB_TOKENS / gpus at the calibration rate, then GPTQ on rank 0: must fit the reserve
-  export              compression and the size search on rank 0, after the training clock, before the evaluation's
+  training steps      (TRAIN_BATCH_TOKENS / gpus) / train tokens/s a step; as many as end inside MAX_WALLCLOCK_SECONDS
+                      minus GPTQ_RESERVE_SECONDS (ITERATIONS at most): train_gpt.py starts no step that would end past
+                      it; compilation and validation stop the clock
+  calibration         GPTQ_CALIB_TOKENS / gpus at the calibration rate (forward + backward), in the training clock
+  quantize            every matrix's encodings (GPTQ; under RATE_CONTROL=1 all ~35 candidates), the same work on every
+                      rank: one GPU's seconds; in the training clock, must fit GPTQ_RESERVE_SECONDS with calibration
+  search              the size search (brotli-11 on the rank's share of the cores), alike on every rank, after the
+                      training clock, before the evaluation's
   evaluation          compilation (the sliding scorer's, TTT's: fixed costs, never scaled by the token ratio), the
-                      artifact's load, the round trip ((N-1)//EVAL_SEQ_LEN windows), each sliding pass (the no-TTT
-                      baseline with TTT_BASELINE=1, then the TTT pass: 1+ceil((N-1-L)/S) windows), TTT training
-                      ((chunks-1) x TTT_EPOCHS x TTT_CHUNK_TOKENS / gpus tokens a rank), the mixer (rank 0, N tokens)
+                      artifact's load, the round trip ((N-1)//EVAL_SEQ_LEN windows), each sliding pass (with TTT and
+                      rule online the unadapted pass, then the TTT pass: 1+ceil((N-1-L)/S) windows each), the mixer's
+                      probe (2**20 tokens, rank 0, when EVAL_BUDGET_SECONDS is set), TTT training ((chunks-1) x
+                      TTT_EPOCHS x TTT_CHUNK_TOKENS / gpus tokens a rank), the mixer (rank 0, N tokens)
 Windows and tokens shard evenly over the gpus; collectives are not included (one GPU measures none). A clock that
 breaks (training 600 s; evaluation 600 s and EVAL_BUDGET_SECONDS where train_gpt.py has it) is flagged: exit 1.
 bench/gpu_e2e.py plans the evaluation the same way, with the rates its own train_gpt.py log measured (rates_from_e2e).
@@ -38,11 +43,12 @@ from train_gpt import Hyperparameters, UserError  # noqa: E402
 FULL_VAL_TOKENS, GPUS, LIMIT_S = 62_021_632, 8, 600.0
 MEASURED_SEQ_LEN = 2048  # gpu_check's eval windows; other window lengths scale the window rate by 2048 / L
 RECORD_CALIB_TOKENS = 262_144  # GPTQ_CALIB_TOKENS of the record preset, which gpu_check's export phase calibrates
-# What no GPU run has measured yet, with what each guess stands on (docs/artifact.md section 4: CPU timings).
+MIXER_PROBE_TOKENS = 2 ** 20  # train_gpt.py's timed mixer pass that projects the mixer's time for the evaluation clock
+# What no GPU run has measured yet, with what each guess stands on (docs/artifact.md: CPU timings at record size).
 ESTIMATES = {
-    "gptq_s": (10.0, "GPTQ of the 66 int6 matrices on one GPU, a guess; 49.2 s on 2 CPU cores (docs/artifact.md)"),
-    "compress_s": (81.0, "brotli-11 of both streams at record size on 2 CPU cores (docs/artifact.md)"),
-    "fit_s": (243.0, "3 rounds of the size search, ~3 compressions each on >= 8 cores (docs/artifact.md)"),
+    "quantize_s": (30.0, "every matrix's ~35 candidates (GPTQ) at record size on one GPU, a guess"),
+    "search_s": (60.0, "the size search at record size: ~3 rounds of brotli-11 on the rank's cores, a guess from "
+                       "the CPU timings in docs/artifact.md"),
     "load_s": (3.0, "reading and dequantizing the artifact, a guess"),
 }
 
@@ -55,8 +61,8 @@ class Rate:
 
 @dataclass
 class Phase:
-    key: str  # stable name for tools: train_compile, train, validation, calibration, gptq, compress, fit,
-    #           scorer_compile, ttt_compile, load, roundtrip, no_ttt_pass, sliding, ttt_train, mixer
+    key: str  # stable name for tools: train_compile, train, validation, calibration, quantize, search,
+    #           scorer_compile, ttt_compile, load, roundtrip, no_ttt_pass, mixer_probe, sliding, ttt_train, mixer
     name: str
     clock: str  # "training", "evaluation", or "" (neither: before or between the clocks)
     seconds: float
@@ -75,6 +81,9 @@ def rates_from_results(results: dict, source: str) -> dict[str, Rate]:
             compile_s = tr["warmup_s"] - tr["warmup_steps"] * tr["ms_per_step"] / 1000
             out["train_compile_s"] = Rate(compile_s, f"measured: {source} train.warmup_s {tr['warmup_s']:.1f} less "
                                           f"{tr['warmup_steps']} steps")
+    if not tr.get("tokens_per_s") and e2e.get("tokens_per_s"):  # one GPU, 8 micro-batches of a record rank's a step
+        out["train_tokens_per_s"] = Rate(e2e["tokens_per_s"], f"measured: {source} e2e.tokens_per_s ({e2e['ms_per_step']:.1f} "
+                                         f"ms per {e2e['batch_tokens']:,}-token step on one GPU)")
     if ev.get("windows_per_s"):
         out["windows_per_s"] = Rate(ev["windows_per_s"], f"measured: {source} eval.windows_per_s "
                                     f"({ev['seq_len']}-token windows, batch {ev['batch_seqs']})")
@@ -92,12 +101,10 @@ def rates_from_results(results: dict, source: str) -> dict[str, Rate]:
         rule = mx.get("rule", "before rule online")
         out["mixer_tokens_per_s"] = Rate(mx["stream_tokens"] / mx["whole_stream_s"], f"measured: {source} "
                                          f"mixer.whole_stream_s {mx['whole_stream_s']:.1f} for {mx['stream_tokens']:,} tokens ({rule})")
-    for phase, d, keys in (("export", ex, {"gptq_quantize_s": "gptq_s", "compress_s": "compress_s", "fit_s": "fit_s",
-                                           "load_s": "load_s"}),
-                           ("e2e", e2e, {"quantize_s": "gptq_s", "compress_s": "compress_s"})):  # e2e: a trained model
-        out.update({name: Rate(d[key], f"measured: {source} {phase}.{key}") for key, name in keys.items()
-                    if d.get(key) is not None})
-        m = re.search(r"calibration:(\d+) tokens", d.get("export_line") or "")  # e2e's export line names its count
+    for phase, d, keys in (("export", ex, ("quantize_s", "search_s", "load_s")),
+                           ("e2e", e2e, ("quantize_s", "search_s"))):  # e2e: a trained model, so it overrides
+        out.update({key: Rate(d[key], f"measured: {source} {phase}.{key}") for key in keys if d.get(key) is not None})
+        m = re.search(r"calibration_tokens:(\d+)", d.get("export_line") or "")  # e2e's training_clock line names its count
         tokens = int(m.group(1)) if m else RECORD_CALIB_TOKENS   # the export phase calibrates the record preset's
         if d.get("calibration_s"):
             out["calib_tokens_per_s"] = Rate(tokens / d["calibration_s"], f"measured: {source} {phase}.calibration_s "
@@ -121,11 +128,11 @@ def rates_from_runs(paths: list[str], gpu: str) -> tuple[dict[str, Rate], list[s
 
 def rates_from_e2e(text: str, source: str = "e2e log") -> dict[str, Rate]:
     """The one-GPU rates an end-to-end train_gpt.py log measured (bench/gpu_e2e.py), compilation kept apart:
-      windows/s        the TTT pass's scoring (`sliding` of eval_time_split), warm: the no-TTT pass compiled first
-      scorer compile   the no-TTT pass less the same windows at that rate (TTT_BASELINE=1 only)
+      windows/s        the TTT pass's scoring (`sliding` of eval_time_split), warm: the unadapted pass compiled first
+      scorer compile   the unadapted pass less the same windows at that rate (when it ran)
       TTT rate         the run's own training rate per token (its micro-batches are TTT-step sized)
       TTT compile      TTT's time less its work at that rate (its first step compiles)
-      export           calibration tokens/s, GPTQ, brotli (the export line)
+      export           calibration tokens/s and quantization (the training_clock line), the size search
     The mixer's time on a short stream is mostly fixed cost: its rate comes from a full-stream run, not from here."""
     hp = json.loads(re.search(r"^hparams:(.*)$", text, re.M).group(1))
     n = int(re.search(r"val_tokens:(\d+)", text).group(1)) - 1
@@ -138,7 +145,7 @@ def rates_from_e2e(text: str, source: str = "e2e log") -> dict[str, Rate]:
         wps = windows / split["sliding"]
         out["windows_per_s"] = Rate(wps * L / MEASURED_SEQ_LEN, f"measured: {source} sliding {split['sliding']:.1f} s "
                                     f"for {windows:,} windows of {L}")
-        if hp["TTT_ENABLED"] and hp["TTT_BASELINE"] and "no_ttt_pass" in split:
+        if hp["TTT_ENABLED"] and split.get("no_ttt_pass"):
             out["eval_compile_s"] = Rate(max(split["no_ttt_pass"] - windows / wps, 0.0), f"measured: {source} no_ttt_pass "
                                          f"{split['no_ttt_pass']:.1f} s less its windows at that rate")
     step_ms = re.findall(r"step_avg:([0-9.]+)ms", text)
@@ -149,12 +156,13 @@ def rates_from_e2e(text: str, source: str = "e2e log") -> dict[str, Rate]:
                                        f"{hp['TRAIN_BATCH_TOKENS']:,} tokens (as TTT's rate)")
         out["ttt_compile_s"] = Rate(max(split["ttt_train"] - work / rate, 0.0), f"measured: {source} ttt_train "
                                     f"{split['ttt_train']:.1f} s less {work:,} tokens at that rate")
-    if m := re.search(r"^export quant:\S+ calibration:(\d+) tokens in ([0-9.]+)s quantize:([0-9.]+)s brotli:([0-9.]+)s", text, re.M):
-        tokens, calib, gptq, brotli = int(m.group(1)), *map(float, m.group(2, 3, 4))
+    if m := re.search(r"^training_clock .*calibration:([0-9.]+)s quantize:([0-9.]+)s .*calibration_tokens:(\d+)", text, re.M):
+        calib, quantize, tokens = float(m.group(1)), float(m.group(2)), int(m.group(3))
         if tokens and calib > 0:
             out["calib_tokens_per_s"] = Rate(tokens / calib, f"measured: {source} calibration {calib:.1f} s for {tokens:,} tokens")
-        out["gptq_s"] = Rate(gptq, f"measured: {source} quantize {gptq:.1f} s")
-        out["compress_s"] = Rate(brotli, f"measured: {source} brotli {brotli:.1f} s")
+        out["quantize_s"] = Rate(quantize, f"measured: {source} quantize {quantize:.1f} s")
+    if m := re.search(r"^serialized_model_int6_lzma:.* search:([0-9.]+)s", text, re.M):
+        out["search_s"] = Rate(float(m.group(1)), f"measured: {source} search {float(m.group(1)):.1f} s")
     return out
 
 
@@ -190,8 +198,8 @@ def plan(args: Hyperparameters, rates: dict[str, Rate], gpus: int = GPUS, val_to
     step_s = args.train_batch_tokens / G / r["train_tokens_per_s"].value
     reserve = args.gptq_reserve_seconds if args.quant == "gptq" and args.max_wallclock_seconds > 0 else 0.0
     cap_s = args.max_wallclock_seconds - reserve
-    steps = min(args.iterations, math.ceil(cap_s / step_s)) if cap_s > 0 else args.iterations  # the step that crosses
-    # the cap is finished: training can run over it by up to a step
+    steps = min(args.iterations, math.ceil(cap_s / step_s) - 1) if cap_s > 0 else args.iterations  # no step ends past
+    # the cap: train_gpt.py stops after step k when k + 1 steps would reach it
     evals = ((steps - 1) // args.val_loss_every + 1 if args.val_loss_every else 0) + 2  # steps 0, k*EVERY; end; post-EMA
     val_s = (N // args.train_seq_len) / G / wps(args.train_seq_len)
     train_basis = r["train_tokens_per_s"].basis
@@ -203,12 +211,13 @@ def plan(args: Hyperparameters, rates: dict[str, Rate], gpus: int = GPUS, val_to
               + (f"; cap {cap_s:.0f} s" if cap_s > 0 else "")),
         Phase("validation", f"validation x{evals} (clock stopped)", "", evals * val_s, r["windows_per_s"].basis),
     ]
-    if args.quant == "gptq":
-        phases += [Phase("calibration", "GPTQ calibration", "training", args.gptq_calib_tokens / G / r["calib_tokens_per_s"].value,
-                         r["calib_tokens_per_s"].basis),
-                   Phase("gptq", "GPTQ quantization (rank 0)", "training", r["gptq_s"].value, r["gptq_s"].basis)]
-    phases += [Phase("compress", "export: compression (rank 0)", "", r["compress_s"].value, r["compress_s"].basis),
-               Phase("fit", "export: size search (rank 0)", "", r["fit_s"].value, r["fit_s"].basis),
+    if args.calibrates:
+        phases.append(Phase("calibration", "calibration (forward + backward)", "training",
+                            args.gptq_calib_tokens / G / r["calib_tokens_per_s"].value, r["calib_tokens_per_s"].basis))
+    phases += [Phase("quantize", f"export: {'candidates' if args.rate_control else 'quantization'} (every rank)", "training",
+                     r["quantize_s"].value, r["quantize_s"].basis),
+               Phase("search", f"export: {'size search' if args.rate_control else 'fit'} (every rank)", "",
+                     r["search_s"].value, r["search_s"].basis),
                Phase("scorer_compile", "compile: sliding scorer (fixed)", "evaluation", r["eval_compile_s"].value, r["eval_compile_s"].basis)]
     ttt = bool(args.ttt_enabled)
     if ttt:
@@ -217,8 +226,12 @@ def plan(args: Hyperparameters, rates: dict[str, Rate], gpus: int = GPUS, val_to
     sliding_s = windows / G / wps(L)
     phases += [Phase("load", "artifact load", "evaluation", r["load_s"].value, r["load_s"].basis),
                Phase("roundtrip", f"round trip: {N // L:,} windows", "evaluation", (N // L) / G / wps(L), r["windows_per_s"].basis)]
-    if ttt and args.ttt_baseline:
-        phases.append(Phase("no_ttt_pass", f"sliding pass, no TTT: {windows:,} windows", "evaluation", sliding_s, r["windows_per_s"].basis))
+    mixer = bool(args.use_ngram_mixer)
+    if ttt and mixer and args.ngram_rule == "online":  # the unadapted network is network 0 of the mixture
+        phases.append(Phase("no_ttt_pass", f"sliding pass, unadapted: {windows:,} windows", "evaluation", sliding_s, r["windows_per_s"].basis))
+    if ttt and mixer and args.eval_budget_seconds > 0:
+        phases.append(Phase("mixer_probe", f"mixer probe (rank 0): {min(MIXER_PROBE_TOKENS, N):,} tokens", "evaluation",
+                            min(MIXER_PROBE_TOKENS, N) / r["mixer_tokens_per_s"].value, r["mixer_tokens_per_s"].basis))
     phases.append(Phase("sliding", f"sliding pass{', TTT' if ttt else ''}: {windows:,} windows", "evaluation", sliding_s,
                         r["windows_per_s"].basis))
     if ttt:
@@ -226,7 +239,7 @@ def plan(args: Hyperparameters, rates: dict[str, Rate], gpus: int = GPUS, val_to
         tokens = (chunks - 1) * args.ttt_epochs * args.ttt_chunk_tokens / G
         phases.append(Phase("ttt_train", f"TTT training: {chunks - 1:,} chunks x {args.ttt_epochs} epochs", "evaluation",
                             tokens / r["ttt_tokens_per_s"].value, r["ttt_tokens_per_s"].basis))
-    if args.use_ngram_mixer:
+    if mixer:
         phases.append(Phase("mixer", f"mixer (rank 0): {N:,} tokens", "evaluation", N / r["mixer_tokens_per_s"].value,
                             r["mixer_tokens_per_s"].basis))
     return phases
@@ -236,13 +249,12 @@ def clocks(phases: list[Phase], args: Hyperparameters) -> list[tuple[str, float,
     """(clock, its seconds, its limit, a flag line or "") for each limit the competition and the settings set."""
     total = {c: sum(p.seconds for p in phases if p.clock == c) for c in ("training", "evaluation")}
     rows = [("training", total["training"], LIMIT_S), ("evaluation", total["evaluation"], LIMIT_S)]
-    budget = getattr(args, "eval_budget_seconds", 0) or 0  # EVAL_BUDGET_SECONDS, where this train_gpt.py has it
-    if budget:
+    if budget := args.eval_budget_seconds:
         rows.append(("evaluation budget (EVAL_BUDGET_SECONDS)", total["evaluation"], budget))
     out = [(c, s, lim, f"BREAKS the {c} clock: {s:.2f} s > {lim:.0f} s, by {s - lim:.2f} s" if s > lim else "")
            for c, s, lim in rows]
-    gptq = sum(p.seconds for p in phases if p.key in ("calibration", "gptq"))
-    if args.quant == "gptq" and args.max_wallclock_seconds > 0 and gptq > args.gptq_reserve_seconds:
+    gptq = sum(p.seconds for p in phases if p.key in ("calibration", "quantize"))
+    if args.calibrates and args.max_wallclock_seconds > 0 and gptq > args.gptq_reserve_seconds:
         out.append(("GPTQ reserve (GPTQ_RESERVE_SECONDS)", gptq, args.gptq_reserve_seconds,
                     f"BREAKS the training clock: calibration + GPTQ take {gptq:.2f} s, GPTQ_RESERVE_SECONDS="
                     f"{args.gptq_reserve_seconds:g} (a reserve of {math.ceil(gptq)} s would fit)"))
@@ -261,8 +273,8 @@ def render(phases: list[Phase], limits, args: Hyperparameters, gpus: int, val_to
 
 
 SHOWN = ["ITERATIONS", "MAX_WALLCLOCK_SECONDS", "GPTQ_RESERVE_SECONDS", "TRAIN_BATCH_TOKENS", "WARMUP_STEPS", "QUANT",
-         "GPTQ_CALIB_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "TTT_ENABLED", "TTT_BASELINE", "TTT_CHUNK_TOKENS",
-         "TTT_EPOCHS", "USE_NGRAM_MIXER"]
+         "RATE_CONTROL", "GPTQ_CALIB_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "TTT_ENABLED", "TTT_CHUNK_TOKENS",
+         "TTT_EPOCHS", "USE_NGRAM_MIXER", "NGRAM_RULE", "EVAL_BUDGET_SECONDS"]
 
 
 def main(argv=None) -> int:
