@@ -28,7 +28,7 @@ SMALL_TENSOR = 65_536
 BROTLI = {"quality": 11, "lgwin": 24}  # the compressor: it beat LZMA-9 and zstd-22 on every part (docs/artifact.md)
 STEPS = tuple(2.0 ** (i / 4) for i in range(-20, 9))  # the rate control's steps t, in units of the row's RMS: 1/32 .. 4
 WIDTHS = (4, 5, 6, 7, 8)  # the clip search's widths under rate control
-SEARCH_ROUNDS, AIM = 8, 0.002  # the size search's rounds; it aims this fraction under the budget (once more after a miss)
+SEARCH_ROUNDS, AIM = 8, 0.002  # the size search's rounds at most; it aims this fraction under the budget
 
 
 def compress(data: bytes) -> bytes:
@@ -188,32 +188,39 @@ def allocate(D: list[list[float]], B: list[list[float]], budget: float) -> tuple
     return choice, total
 
 
+def estimated(pred: list[float], exact: dict) -> list[float]:
+    """A matrix's candidates' bytes in the artifact (4 + the stream): exact once compressed, else the prediction times
+    the ratio real / predicted of the compressed candidate nearest in predicted size (1 before any)."""
+    def ratio(c: int) -> float:
+        k = min(exact, key=lambda k: abs(math.log(pred[k] / pred[c])), default=None)
+        return 1.0 if k is None else len(exact[k]) / pred[k]
+    return [4 + (len(exact[c]) if c in exact else ratio(c) * p) for c, p in enumerate(pred)]
+
+
 def rate_control(cands: dict, fixed: int, budget: int, workers: int, log) -> tuple[dict, dict, int, str]:
     """The size search: each matrix's candidate such that fixed + its streams (4 + compressed bytes each) <= budget at
-    the least total distortion. Round by round: allocate on the bytes known so far (exact for every candidate
-    compressed already, else its prediction times its matrix's last measured ratio real/predicted), aiming AIM under
-    the budget (AIM further after each miss); compress what it chose and had not compressed (in parallel); until a round's
-    choice is all exact. Deterministic: every rank runs it alike, with no collective. Returns (choice {name: index},
-    streams {name: compressed}, total, over): when even every matrix's smallest candidate is over, over says so and the
-    total is that floor, else over is empty."""
-    names, exact, best, margin = list(cands), {n: {} for n in cands}, None, AIM
-    ratio, D = {n: 1.0 for n in names}, [cands[n]["D"] for n in names]
+    the least total distortion. Round by round: allocate on the bytes known so far (`estimated`), aiming AIM under the
+    budget (further only when rounds keep missing), compress what it chose and had not compressed (in parallel), until
+    a round's choice is all exact. Deterministic: every rank runs it alike, with no collective. Returns (choice {name:
+    index}, streams {name: compressed}, total, over): when even every matrix's smallest candidate is over, over says so
+    and the total is that floor, else over is empty; of the rounds that fit, the least distortion wins."""
+    names, exact, best = list(cands), {n: {} for n in cands}, None
+    D = [cands[n]["D"] for n in names]
     with ThreadPoolExecutor(workers) as pool:
         for rnd in range(SEARCH_ROUNDS):
             t0 = time.perf_counter()
-            B = [[4 + len(exact[n][c]) if c in exact[n] else 4 + ratio[n] * p for c, p in enumerate(cands[n]["pred"])] for n in names]
-            choice, predicted = allocate(D, B, budget * (1 - margin) - fixed)
+            B = [estimated(cands[n]["pred"], exact[n]) for n in names]
+            choice, predicted = allocate(D, B, budget * (1 - AIM * max(1, rnd - 2)) - fixed)
             todo = [(n, c) for n, c in zip(names, choice) if c not in exact[n]]
             for (n, c), blob in zip(todo, pool.map(lambda nc: compress(stream_bytes(entry(cands[nc[0]], nc[1]))), todo)):
-                exact[n][c], ratio[n] = blob, len(blob) / cands[n]["pred"][c]
+                exact[n][c] = blob
             total, dist = fixed + sum(4 + len(exact[n][c]) for n, c in zip(names, choice)), sum(d[c] for d, c in zip(D, choice))
             log(f"rate_search round:{rnd} predicted:{fixed + predicted:.0f} actual:{total} error:{(fixed + predicted) / total - 1:+.4%} "
                 f"compressed:{len(todo)} distortion:{dist:.6g} time:{time.perf_counter() - t0:.2f}s")
             if total <= budget and (best is None or dist < best[0]):
                 best = (dist, dict(zip(names, choice)), total)
-            margin += AIM if total > budget else 0
-            if not todo and (total <= budget or all(c == lower_hull(D[m], B[m])[0] for m, c in enumerate(choice))):
-                break  # converged, or nothing smaller to pick
+            if not todo:
+                break  # all exact: it fits, or even the smallest candidates are over (the floor)
     dist, choice, total = best or (dist, dict(zip(names, choice)), total)
     log(f"rate_control total:{total} target:{budget} ({total / budget:.4%}) bits_per_weight:"
         f"{8 * (total - fixed) / sum(c['value'].numel() for c in cands.values()):.3f} choice:"
