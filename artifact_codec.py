@@ -29,6 +29,7 @@ BROTLI = {"quality": 11, "lgwin": 24}  # the compressor: it beat LZMA-9 and zstd
 STEPS = tuple(2.0 ** (i / 4) for i in range(-20, 9))  # the rate control's steps t, in units of the row's RMS: 1/32 .. 4
 WIDTHS = (4, 5, 6, 7, 8)  # the clip search's widths under rate control
 SEARCH_ROUNDS, AIM = 8, 0.002  # the size search's rounds at most; it aims this fraction under the budget
+RESERVE_MARGIN = 1.5  # train_gpt's reserve for calibration + candidates: their timed cost times this
 
 
 def compress(data: bytes) -> bytes:
@@ -146,6 +147,18 @@ def candidates(w: Tensor, st: dict, gptq: bool, damp: float, block: int) -> dict
     return {"labels": [f"step{t:.3g}/int{b}" for t, b in zip(STEPS, bits)] + [f"clip/int{b}" for b in bits[n:]] + ["fp16"], "q": Q, "scale": S,
             "value": half, "D": D.tolist() + [row_distortion(w - half.float(), st).sum().item()],
             "pred": pred + [16 + entropy_bytes(half.flatten().view(torch.uint8)[0::2]) + entropy_bytes(half.flatten().view(torch.uint8)[1::2])]}
+
+
+def candidates_seconds(shapes: list, device, gptq: bool, damp: float, block: int) -> float:
+    """The candidates' time for matrices of these shapes, from one timed matrix per distinct shape: their work depends
+    on the shape alone (here random weights, an identity Hessian, unit gradients)."""
+    seconds = {}
+    for r, c in sorted(set(map(tuple, shapes))):
+        st = {"H": torch.eye(c, dtype=torch.float64, device=device), "g": torch.ones(r, dtype=torch.float64, device=device), "n": 1}
+        t = time.perf_counter()
+        candidates(torch.randn(r, c, device=device), st, gptq, damp, block)  # it reads its results back: synchronized
+        seconds[r, c] = time.perf_counter() - t
+    return sum(seconds[tuple(s)] for s in shapes)
 
 
 def entry(cands: dict, c: int) -> dict:

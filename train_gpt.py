@@ -910,6 +910,16 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
     on the clock); leaves the EMA in `model`."""
     grad_accum = 8 // ctx.world
     train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
+    if args.rate_control and args.max_wallclock_seconds > 0 and "GPTQ_RESERVE_SECONDS" not in args.explicit:
+        shapes = [t.shape for n, t in model.state_dict().items() if t.ndim == 2 and not n.startswith("mtp_heads.")]
+        need = ctx.broadcast(ac.RESERVE_MARGIN * ac.candidates_seconds(shapes, ctx.device, args.quant == "gptq", args.gptq_damp, args.gptq_block))
+        if need > args.gptq_reserve_seconds:  # this machine's candidates would overrun the reserve: raise it
+            log(f"gptq_reserve: candidates timed at {need / ac.RESERVE_MARGIN:.1f}s (one matrix a shape) x{ac.RESERVE_MARGIN}: "
+                f"GPTQ_RESERVE_SECONDS {args.gptq_reserve_seconds} -> {need:.1f}")
+            args.gptq_reserve_seconds = need
+        if need >= args.max_wallclock_seconds:
+            raise UserError(f"the export's candidates need ~{need:.0f}s here, MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g} "
+                            f"leaves no training: raise it, or RATE_CONTROL=0 for the uniform export")
     compiled = torch.compile(model) if args.compile else model
     stats_fn = make_stats_fn(model, args)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -981,7 +991,8 @@ def train(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts, ctx, log)
                 dist.all_reduce(hit, op=dist.ReduceOp.MAX)
             if hit.item():
                 stop_after = step
-                log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{args.iterations}")
+                log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{args.iterations} "
+                    f"next_step_end:{2 * elapsed - began:.0f}ms cap:{1000 * cap_s:.0f}ms")
     if ctx.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")

@@ -265,8 +265,10 @@ def test_total_size_line_adds_up(trained):
     assert "train_gpt.py" in names
     code = len(train_gpt.pack_code(names, trained.code))  # the code as shipped: one self-extracting file (test_code.py)
     assert total == trained.artifact.stat().st_size + code
-    m = re.search(r"^serialized_model_int6_lzma:(\d+) bytes path:(\S+) export_time:\S+$", out, re.M)
+    m = re.search(r"^serialized_model_int6_lzma:(\d+) bytes path:(\S+) export_time:(\S+)s calibration:(\S+)s quantize:(\S+)s "
+                  r"search:(\S+)s$", out, re.M)
     assert int(m.group(1)) == trained.artifact.stat().st_size and (trained.root / m.group(2)) == trained.artifact
+    assert float(m.group(3)) == pytest.approx(sum(float(m.group(i)) for i in (4, 5, 6)), abs=0.1)  # 4 roundings
 
 
 def test_cli_roundtrip_loss_close_to_post_ema(trained):

@@ -130,8 +130,8 @@ def test_parallel_muon_matches_single_rank(tmp_path):
 def test_lr_multiplier_schedule():
     args = tg.Hyperparameters(env=dict(ITERATIONS="100", WARMDOWN_ITERS="20", MAX_WALLCLOCK_SECONDS="0"), preset="cpu")
     assert [tg.lr_multiplier(args, s, 0, 0.0) for s in (0, 79, 80, 90, 100)] == [1.0, 1.0, 1.0, 0.5, 0.0]
-    args = tg.Hyperparameters(env=dict(ITERATIONS="100000", WARMDOWN_ITERS="100", MAX_WALLCLOCK_SECONDS="10", QUANT="clip"),
-                              preset="cpu")
+    args = tg.Hyperparameters(env=dict(ITERATIONS="100000", WARMDOWN_ITERS="100", MAX_WALLCLOCK_SECONDS="10",
+                                       RATE_CONTROL="0", QUANT="clip"), preset="cpu")
     # 10 ms/step: warmdown spans the last 1000 ms of the 10 s cap
     assert tg.lr_multiplier(args, 500, 5000, 10.0) == 1.0
     assert tg.lr_multiplier(args, 950, 9500, 10.0) == pytest.approx(0.5)
