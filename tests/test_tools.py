@@ -426,7 +426,8 @@ def test_time_plan_arithmetic_on_a_synthetic_run(tmp_path):
     out = json.loads(proc.stdout)
     got = {p["key"]: p["seconds"] for p in out["phases"]}
     step = 786_432 / 8 / 1e6                   # 0.098304 s a step on each of 8 GPUs
-    steps = 6001                               # 6001 steps end at 589.92 s; a 6002nd would end past the 590 s cap
+    # GPTQ_RESERVE_SECONDS unset: the reserve rises from 10 s to 1.5 x the 9.5 s of candidates = 14.25 s, as train_gpt
+    steps = 5958                               # 5958 steps end at 585.69 s; a 5959th would end past the 585.75 s cap
     expected = {
         "train_compile": 40 + 20 * step, "train": steps * step, "validation": 4 * (642_048 // 2048) / 8 / 2000,
         "calibration": 262_144 / 8 / 1e6, "quantize": 9.5, "search": 60.0,   # search: an estimate
@@ -439,6 +440,7 @@ def test_time_plan_arithmetic_on_a_synthetic_run(tmp_path):
     bases = {p["key"]: p["basis"] for p in out["phases"]}
     assert bases["search"].startswith("estimate:") and bases["ttt_train"].startswith("estimate:")
     assert bases["quantize"] == "measured: run.json export.quantize_s"
+    assert bases["train"].endswith("cap 585.75 s (GPTQ reserve 14.25 s)")
     assert bases["mixer"].startswith("measured: run.json mixer.whole_stream_s") and "online" in bases["mixer"]
     clocks = {c["clock"]: c for c in out["clocks"]}
     train_total = steps * step + 262_144 / 8 / 1e6 + 9.5

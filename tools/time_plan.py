@@ -7,7 +7,9 @@ Rates: the newest bench/gpu_check.py JSON (docs/gpu_runs/) of the chosen GPU tha
 measured falls back to a stated estimate, marked `estimate:` (what it stands on). Arithmetic, per phase:
   training steps      (TRAIN_BATCH_TOKENS / gpus) / train tokens/s a step; as many as end inside MAX_WALLCLOCK_SECONDS
                       minus GPTQ_RESERVE_SECONDS (ITERATIONS at most): train_gpt.py starts no step that would end past
-                      it; compilation and validation stop the clock
+                      it; compilation and validation stop the clock. Under RATE_CONTROL=1 with GPTQ_RESERVE_SECONDS
+                      unset the reserve is at least RESERVE_MARGIN x quantize, as train_gpt.py raises it from its
+                      timed candidates
   calibration         GPTQ_CALIB_TOKENS / gpus at the calibration rate (forward + backward), in the training clock
   quantize            every matrix's encodings (GPTQ; under RATE_CONTROL=1 all ~35 candidates), the same work on every
                       rank: one GPU's seconds; in the training clock, must fit GPTQ_RESERVE_SECONDS with calibration
@@ -38,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from artifact_codec import RESERVE_MARGIN  # noqa: E402
 from train_gpt import Hyperparameters, UserError  # noqa: E402
 
 FULL_VAL_TOKENS, GPUS, LIMIT_S = 62_021_632, 8, 600.0
@@ -196,7 +199,9 @@ def plan(args: Hyperparameters, rates: dict[str, Rate], gpus: int = GPUS, val_to
     r, N, G, L, S = rates, val_tokens - 1, gpus, args.eval_seq_len, args.eval_stride
     wps = lambda length: r["windows_per_s"].value * MEASURED_SEQ_LEN / length  # noqa: E731  windows/s at a length
     step_s = args.train_batch_tokens / G / r["train_tokens_per_s"].value
-    reserve = args.gptq_reserve_seconds if args.quant == "gptq" and args.max_wallclock_seconds > 0 else 0.0
+    reserve = args.gptq_reserve_seconds if args.calibrates and args.max_wallclock_seconds > 0 else 0.0
+    if reserve and args.rate_control and "GPTQ_RESERVE_SECONDS" not in args.explicit:  # as train_gpt.train: the
+        reserve = args.gptq_reserve_seconds = max(reserve, RESERVE_MARGIN * r["quantize_s"].value)  # timed candidates x margin
     cap_s = args.max_wallclock_seconds - reserve
     steps = min(args.iterations, math.ceil(cap_s / step_s) - 1) if cap_s > 0 else args.iterations  # no step ends past
     # the cap: train_gpt.py stops after step k when k + 1 steps would reach it
@@ -208,7 +213,7 @@ def plan(args: Hyperparameters, rates: dict[str, Rate], gpus: int = GPUS, val_to
               r["train_compile_s"].basis),
         Phase("train", f"training: {steps:,} steps of {step_s * 1000:.1f} ms", "training", steps * step_s,
               f"{train_basis}; {args.train_batch_tokens // G:,} tokens a GPU a step"
-              + (f"; cap {cap_s:.0f} s" if cap_s > 0 else "")),
+              + (f"; cap {cap_s:.2f} s (GPTQ reserve {reserve:.2f} s)" if cap_s > 0 else "")),
         Phase("validation", f"validation x{evals} (clock stopped)", "", evals * val_s, r["windows_per_s"].basis),
     ]
     if args.calibrates:
