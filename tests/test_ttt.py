@@ -294,7 +294,7 @@ def test_clock_stops_adapting_where_the_projection_passes_the_budget():
     spans = chunk_spans(N, args.eval_seq_len, args.eval_stride, args.ttt_chunk_tokens)
     assert len(calls) == len(spans) - 1 >= 4 and ttt.chunks == 2
     assert len(logs) == 1 and logs[0].startswith(f"ttt_stop chunks_trained:2 scored:{spans[2][1]}/{N} projected_end:")
-    assert float(log_value(logs[0], "ttt_stop", "projected_end").rstrip("s")) > 1e6
+    assert float(log_value(logs[0], "ttt_stop", "projected_end").rstrip("s")) >= 1e6  # 1e6 s + a moment, printed to 0.1 s
     after_two = hand_trained(ref_model, tokens, spans[:3], args)[-1]
     for k, v in after_two.items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
@@ -312,7 +312,8 @@ def test_forcing_budget_stops_at_the_first_chance_and_scores_everything(trained)
     stop = [l for l in p.stdout.splitlines() if l.startswith("ttt_stop ")]
     assert len(stop) == 1 and stop[0].startswith(f"ttt_stop chunks_trained:0 scored:{first_hi}/{N} ")
     assert log_value(p.stdout, "eval_time_split", "ttt_steps") == "0" and log_value(p.stdout, "eval_time_split", "ttt_chunks") == "0"
-    assert float(log_value(stop[0], "ttt_stop", "projected_end").rstrip("s")) > 0.001 and " budget:0.001s " in stop[0]
+    # the stop at chunk 0 is the projection past 0.001 s; the printed value has 0.1 s steps, so only its form is checked
+    assert re.fullmatch(r"\d+\.\ds", log_value(stop[0], "ttt_stop", "projected_end")) and " budget:0.001s " in stop[0]
     assert all(dump[k].shape == (N,) and np.isfinite(dump[k]).all() for k in dump.files)
     np.testing.assert_allclose(dump["nll_neural"], dump["nll_no_ttt"], rtol=0, atol=1e-5)
     assert float(log_value(p.stdout, "final_int6_sliding_window_exact", "val_bpb")) > 0
