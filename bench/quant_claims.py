@@ -473,6 +473,7 @@ def cmd_rate(a):
     totals; layout = the bytes one stream per matrix costs; export = train_gpt.export itself at 80% (its phase times);
     noise = (c) at 80% with two other calibration windows."""
     workers = max(1, len(os.sched_getaffinity(0)))
+    a.parts = a.parts.split(",")  # whole names: "steps" must not match "steps6"
     for path in sorted(Path(a.out).glob("seed*.pt")):
         if a.seeds and int(path.stem[4:]) not in a.seeds:
             continue
@@ -482,7 +483,7 @@ def cmd_rate(a):
         out = json.loads(res.read_text()) if res.exists() else {"seed": d["seed"]}
         if "post_ema_bpb" not in out:
             out["post_ema_bpb"] = tg.eval_val(tg.make_stats_fn(model, args), val, luts, args.train_seq_len, args.val_batch_size, CTX)[1]
-        post, n_code = out["post_ema_bpb"], out.setdefault("n_code", tg.code_bytes(args)[0])
+        post, n_code = out["post_ema_bpb"], out.setdefault("n_code", tg.code_bytes()[0])
         state, stats, cands = rate_candidates(model, args, d["calib"][:args.gptq_calib_tokens])
         n_params = sum(t.numel() for t in state.values())
         if "uniform" in a.parts:  # (a): RATE_CONTROL=0's export, its own layout
@@ -499,7 +500,7 @@ def cmd_rate(a):
         res.write_text(json.dumps(out, indent=1))  # after every part
         if "steps" in a.parts:  # (b): one step for every matrix, where its predicted total is in range
             out["steps"] = []
-            for i, t in enumerate(ac.STEPS):
+            for i, t in list(enumerate(ac.STEPS))[::a.step_stride]:
                 if 0.5 * natural < fixed + sum(4 + c["pred"][i] for c in cands.values()) < 1.3 * natural:
                     qs = rate_qstate(state, cands, {n: i for n in cands})
                     streams = {n: ac.compress(ac.stream_bytes(e)) for n, e in qs.items() if e["kind"] == "q"}
@@ -509,7 +510,7 @@ def cmd_rate(a):
             out["steps6"] = []
             base = ac.quantize_state(state, stats, args.gptq_damp, args.gptq_block, 6)
             fixed6 = len(ac.assemble(ac.rest_stream(base, args.meta()), [])) + n_code
-            for i, t in enumerate(ac.STEPS):
+            for i, t in list(enumerate(ac.STEPS))[::a.step_stride]:
                 qs = {n: dict(e, q=cands[n]["q"][i], scale=cands[n]["scale"][i]) if e["kind"] == "int6" else e for n, e in base.items()}
                 pred = sum(4 + cands[n]["pred"][i] if e["kind"] == "int6" else 4 + len(ac.compress(ac.stream_bytes(e)))
                            for n, e in base.items() if e["kind"] != "float")
@@ -519,7 +520,7 @@ def cmd_rate(a):
         res.write_text(json.dumps(out, indent=1))  # after every part
         if "alloc" in a.parts:  # (c)
             out["alloc"] = []
-            targets = [(f, round(f * natural)) for f in BUDGETS] + [(f"int{u['bits']}", u["total"]) for u in out["uniform"][1:]]
+            targets = [(f, round(f * natural)) for f in (a.budgets or BUDGETS)] + [(f"int{u['bits']}", u["total"]) for u in out["uniform"][1:]]
             for name, target in targets:
                 lines = []
                 choice, streams, total, over = ac.rate_control(cands, fixed, target, workers, lines.append)
@@ -565,8 +566,10 @@ def interp(points, total):
 def cmd_rate_table(a):
     """The rate control's tables from rate_seed*.json: per seed and budget the allocation (c) against one step for all
     (b) and for the attention/MLP matrices (b'), interpolated at (c)'s total, and the uniform export (a) at its own
-    totals; the means; the predictor's error (round 0 of every search); the layout's cost; the noise."""
-    runs = [json.loads(p.read_text()) for p in sorted(Path(a.out).glob("rate_seed*.json"))]
+    totals (the int5/int4 rows) or interpolated between its int4/int5/int6 points (the other budgets; none outside
+    them); the means; (c) minus the best of the others per seed; the landing; the predictor's error (round 0 of every
+    search); the layout's cost; the noise."""
+    runs = [r for p in sorted(Path(a.out).glob("rate_seed*.json")) if "alloc" in (r := json.loads(p.read_text()))]
     f = lambda v, fmt="{:+.4f}": "n/a" if v is None else fmt.format(v)  # noqa: E731
     print("| seed | budget | target | total (% of target) | bits/param | gap (c) allocation | gap (b) one step | gap (b') one step, attn/MLP | gap (a) uniform |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -575,22 +578,26 @@ def cmd_rate_table(a):
         uni = {f"int{u['bits']}": u for u in r["uniform"]}
         for c in r["alloc"]:
             b, b6 = interp(r.get("steps", []), c["total"]), interp(r.get("steps6", []), c["total"])
-            u = uni.get(c["budget"])
+            u = uni[c["budget"]]["gap"] if c["budget"] in uni else interp(r["uniform"], c["total"])
             name = f"{c['budget']:.0%}" if isinstance(c["budget"], float) else f"= {c['budget']} total"
             print(f"| {r['seed']} | {name} | {c['target']:,} | {c['total']:,} ({c['total'] / c['target']:.2%}) | "
-                  f"{c['bits_per_param']:.3f} | {f(c['gap'])} | {f(b)} | {f(b6)} | {f(u['gap']) if u else ''} |")
+                  f"{c['bits_per_param']:.3f} | {f(c['gap'])} | {f(b)} | {f(b6)} | {f(u)} |")
             m = means.setdefault(name, [])
-            m.append((c["gap"], b, b6, u["gap"] if u else None, c["bits_per_param"], c["total"] / c["target"]))
-    print("\n| budget | runs | bits/param | gap (c) | gap (b) | gap (b') | gap (a) | (c) - best of (a), (b'), per seed |")
+            m.append((c["gap"], b, b6, u, c["bits_per_param"], c["total"] / c["target"]))
+    print("\n| budget | runs | bits/param | gap (c) | gap (b) | gap (b') | gap (a) | (c) - best of (a), (b), (b'), per seed |")
     print("|---|---|---|---|---|---|---|---|")
     mean = lambda xs: None if any(x is None for x in xs) else sum(xs) / len(xs)  # noqa: E731
     for name, rows in means.items():
         cols = list(zip(*rows))
-        best = [c - min(x for x in (u, b6) if x is not None) if (u is not None or b6 is not None) else None for c, _, b6, u, _, _ in rows]
+        best = [c - min(x for x in o if x is not None) if any(x is not None for x in o) else None
+                for c, *o in (row[:4] for row in rows)]
         print(f"| {name} | {len(rows)} | {mean(cols[4]):.3f} | {f(mean(cols[0]))} | {f(mean(cols[1]))} | {f(mean(cols[2]))} | "
-              f"{f(mean(cols[3])) if all(x is not None for x in cols[3]) else ''} | {', '.join(f(x) for x in best)} |")
+              f"{f(mean(cols[3]))} | {', '.join(f(x) for x in best)} |")
+    land = [row[5] for rows in means.values() for row in rows]
+    print(f"\nlanding (total / target), {len(land)} searches: {min(land):.4%} .. {max(land):.4%}; "
+          f"all within 0.5% below: {all(0.995 <= x <= 1 for x in land)}")
     errs = [float(re.search(r"error:(\S+)%", c["rounds"][0]).group(1)) for r in runs for c in r["alloc"]]
-    rounds = [len(c["rounds"]) for r in runs for c in r["alloc"]]
+    rounds = [sum(x.startswith("rate_search") for x in c["rounds"]) for r in runs for c in r["alloc"]]
     print(f"\npredictor error, round 0 (predicted / brotli - 1), {len(errs)} searches: mean {sum(errs) / len(errs):+.3f}%, "
           f"range {min(errs):+.3f}% .. {max(errs):+.3f}%; rounds per search {min(rounds)}..{max(rounds)}")
     for r in runs:
@@ -598,15 +605,16 @@ def cmd_rate_table(a):
             print(f"layout seed {r['seed']} {name}: per-matrix streams {v['v3']:,} B, two streams {v['two_streams']:,} B, "
                   f"cost {v['cost']:+,} B ({v['cost_pct']:+.3f}%)")
         at80 = [c["gap"] for c in r["alloc"] if c["budget"] == 0.8] + [n["gap"] for n in r.get("noise", [])]
-        print(f"noise seed {r['seed']}: gap at 80% over {len(at80)} calibration windows: " + ", ".join(f(x) for x in at80)
-              + f" (spread {max(at80) - min(at80):.4f})")
+        if len(at80) > 1:
+                print(f"noise seed {r['seed']}: gap at 80% over {len(at80)} calibration windows: " + ", ".join(f(x) for x in at80)
+                  + f" (spread {max(at80) - min(at80):.4f})")
 
 
 def cmd_plan(a):
     """Which shapes of our model fill TARGET_BYTES at a given number of bits per exported parameter (artifact bytes x 8
     / parameters, MTP heads not exported), with the code counted: parameters from GPT itself, built on the meta device."""
     base = tg.Hyperparameters(clean_env(), preset="record")
-    n_code = a.code or tg.code_bytes(base)[0]
+    n_code = a.code or tg.code_bytes()[0]
     rows = []
     for layers, dim, mult in itertools.product(range(8, 17), (512, 640, 768), (2, 3, 4)):
         heads = dim // 64  # heads of 64, half as many KV heads, value embeddings on the last two blocks (the record's rules)
@@ -651,6 +659,8 @@ def main(argv=None):
     q.add_argument("--out", required=True)
     q.add_argument("--seeds", type=int, nargs="*", default=[])
     q.add_argument("--parts", default="uniform,steps,steps6,alloc,layout,export,noise")
+    q.add_argument("--budgets", type=float, nargs="*", default=[], help="fractions of the natural total (default: BUDGETS)")
+    q.add_argument("--step-stride", type=int, default=1, help="(b), (b'): every k-th step only (faster, coarser curves)")
     qt = sub.add_parser("rate_table")
     qt.add_argument("--out", required=True)
     pl = sub.add_parser("plan")
