@@ -474,6 +474,7 @@ def cmd_rate(a):
     noise = (c) at 80% with two other calibration windows."""
     workers = max(1, len(os.sched_getaffinity(0)))
     a.parts = a.parts.split(",")  # whole names: "steps" must not match "steps6"
+    steps = list(enumerate(ac.STEPS))[::a.step_stride]  # (b), (b'): the steps measured
     for path in sorted(Path(a.out).glob("seed*.pt")):
         if a.seeds and int(path.stem[4:]) not in a.seeds:
             continue
@@ -500,7 +501,7 @@ def cmd_rate(a):
         res.write_text(json.dumps(out, indent=1))  # after every part
         if "steps" in a.parts:  # (b): one step for every matrix, where its predicted total is in range
             out["steps"] = []
-            for i, t in list(enumerate(ac.STEPS))[::a.step_stride]:
+            for i, t in steps:
                 if 0.5 * natural < fixed + sum(4 + c["pred"][i] for c in cands.values()) < 1.3 * natural:
                     qs = rate_qstate(state, cands, {n: i for n in cands})
                     streams = {n: ac.compress(ac.stream_bytes(e)) for n, e in qs.items() if e["kind"] == "q"}
@@ -510,7 +511,7 @@ def cmd_rate(a):
             out["steps6"] = []
             base = ac.quantize_state(state, stats, args.gptq_damp, args.gptq_block, 6)
             fixed6 = len(ac.assemble(ac.rest_stream(base, args.meta()), [])) + n_code
-            for i, t in list(enumerate(ac.STEPS))[::a.step_stride]:
+            for i, t in steps:
                 qs = {n: dict(e, q=cands[n]["q"][i], scale=cands[n]["scale"][i]) if e["kind"] == "int6" else e for n, e in base.items()}
                 pred = sum(4 + cands[n]["pred"][i] if e["kind"] == "int6" else 4 + len(ac.compress(ac.stream_bytes(e)))
                            for n, e in base.items() if e["kind"] != "float")
@@ -583,7 +584,7 @@ def cmd_rate_table(a):
             print(f"| {r['seed']} | {name} | {c['target']:,} | {c['total']:,} ({c['total'] / c['target']:.2%}) | "
                   f"{c['bits_per_param']:.3f} | {f(c['gap'])} | {f(b)} | {f(b6)} | {f(u)} |")
             m = means.setdefault(name, [])
-            m.append((c["gap"], b, b6, u, c["bits_per_param"], c["total"] / c["target"]))
+            m.append((c["gap"], b, b6, u, c["bits_per_param"]))
     print("\n| budget | runs | bits/param | gap (c) | gap (b) | gap (b') | gap (a) | (c) - best of (a), (b), (b'), per seed |")
     print("|---|---|---|---|---|---|---|---|")
     mean = lambda xs: None if any(x is None for x in xs) else sum(xs) / len(xs)  # noqa: E731
@@ -593,7 +594,7 @@ def cmd_rate_table(a):
                 for c, *o in (row[:4] for row in rows)]
         print(f"| {name} | {len(rows)} | {mean(cols[4]):.3f} | {f(mean(cols[0]))} | {f(mean(cols[1]))} | {f(mean(cols[2]))} | "
               f"{f(mean(cols[3]))} | {', '.join(f(x) for x in best)} |")
-    land = [row[5] for rows in means.values() for row in rows]
+    land = [c["total"] / c["target"] for r in runs for c in r["alloc"]]
     print(f"\nlanding (total / target), {len(land)} searches: {min(land):.4%} .. {max(land):.4%}; "
           f"all within 0.5% below: {all(0.995 <= x <= 1 for x in land)}")
     errs = [float(re.search(r"error:(\S+)%", c["rounds"][0]).group(1)) for r in runs for c in r["alloc"]]
@@ -606,7 +607,7 @@ def cmd_rate_table(a):
                   f"cost {v['cost']:+,} B ({v['cost_pct']:+.3f}%)")
         at80 = [c["gap"] for c in r["alloc"] if c["budget"] == 0.8] + [n["gap"] for n in r.get("noise", [])]
         if len(at80) > 1:
-                print(f"noise seed {r['seed']}: gap at 80% over {len(at80)} calibration windows: " + ", ".join(f(x) for x in at80)
+            print(f"noise seed {r['seed']}: gap at 80% over {len(at80)} calibration windows: " + ", ".join(f(x) for x in at80)
                   + f" (spread {max(at80) - min(at80):.4f})")
 
 
